@@ -1,0 +1,24 @@
+"""Datasets and label-disjoint splits for open-set recognition.
+
+A CSV with one ``image,label`` row per image becomes a training set and a
+gallery/query pair of validation sets whose labels never occur in training.
+"""
+
+from ._csv import load_csv
+from .dataset import DataFrameDataset
+from .folders import IMAGE_EXTENSIONS, folder_to_csv
+from .splits import k_fold_trainval_split, split_gallery_query
+from .train_val import label_mapping, train_val_datasets
+
+# demo/samplers exports are added by the lead
+
+__all__ = [
+    "DataFrameDataset",
+    "IMAGE_EXTENSIONS",
+    "folder_to_csv",
+    "k_fold_trainval_split",
+    "label_mapping",
+    "load_csv",
+    "split_gallery_query",
+    "train_val_datasets",
+]

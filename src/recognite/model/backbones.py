@@ -1,0 +1,240 @@
+"""The torchvision backbones that :class:`~recognite.model.Recognizer` accepts, and their weights.
+
+``SUPPORTED_MODELS`` is derived from torchvision's own model registry: every classification
+model (``torchvision.models.list_models(module=torchvision.models)``) except the families whose
+head does not end in a linear layer (SqueezeNet ends in a 1×1 convolution). A slow test builds
+every registered model and checks this rule.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import WeightsEnum, get_model_builder, get_model_weights, list_models
+
+logger = logging.getLogger(__name__)
+
+# Families in torchvision's classification registry whose head is not a final nn.Linear.
+_NON_LINEAR_HEAD_FAMILIES = ("squeezenet",)
+
+# Used only when the weights do not carry their own preprocessing (no weights, or a local file).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _supported_models() -> list[str]:
+    names = list_models(module=torchvision.models)
+    return sorted(n for n in names if not n.startswith(_NON_LINEAR_HEAD_FAMILIES))
+
+
+SUPPORTED_MODELS: list[str] = _supported_models()
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights must be downloaded and the download failed."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a backbone.
+
+    Attributes:
+        mean: Per-channel mean subtracted after scaling pixels to [0, 1].
+        std: Per-channel standard deviation divided by.
+        crop_size: Side of the square input the weights were evaluated at.
+        resize_size: Side the short edge is resized to before the centre crop.
+        interpolation: Name of the resize interpolation mode (e.g. ``"bilinear"``).
+    """
+
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_size: int = 224
+    resize_size: int = 256
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "crop_size": self.crop_size,
+            "resize_size": self.resize_size,
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            crop_size=int(d["crop_size"]),
+            resize_size=int(d["resize_size"]),
+            interpolation=str(d["interpolation"]),
+        )
+
+
+def check_model_name(model_name: str) -> None:
+    """Raise a ``ValueError`` with close matches if ``model_name`` is not supported."""
+    if model_name in SUPPORTED_MODELS:
+        return
+    matches = difflib.get_close_matches(str(model_name), SUPPORTED_MODELS, n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
+    raise ValueError(
+        f"Unknown model {model_name!r}.{hint} See recognite.model.SUPPORTED_MODELS "
+        f"({len(SUPPORTED_MODELS)} torchvision classification models) or run `recognite models`."
+    )
+
+
+def _looks_like_path(weights: str) -> bool:
+    return (
+        os.sep in weights
+        or "/" in weights
+        or weights.endswith((".pth", ".pt", ".bin", ".ckpt", ".safetensors"))
+        or os.path.exists(weights)
+    )
+
+
+def resolve_weights(model_name: str, weights: Any) -> WeightsEnum | Path | None:
+    """Turn a ``weights`` argument into a torchvision weights enum member or a local file path.
+
+    Args:
+        model_name: A name in ``SUPPORTED_MODELS``.
+        weights: ``None``; a weights enum member; a string torchvision's multi-weight API accepts
+            (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"ResNet50_Weights.IMAGENET1K_V2"``); or a path
+            (``str`` or ``os.PathLike``) to a local checkpoint file.
+
+    Returns:
+        ``None``, the enum member, or the ``Path`` of an existing local file.
+
+    Raises:
+        ValueError: If the weights name is unknown for this model (lists the valid names).
+        FileNotFoundError: If ``weights`` looks like a path but the file does not exist.
+    """
+    if weights is None:
+        return None
+    weights_enum = get_model_weights(model_name)
+    if isinstance(weights, os.PathLike) or (isinstance(weights, str) and _looks_like_path(weights)):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"weights={str(weights)!r} looks like a file path, but no such file exists.")
+        return path
+    if isinstance(weights, Enum):
+        if not isinstance(weights, weights_enum):
+            raise ValueError(
+                f"weights={weights} belong to another model; {model_name!r} takes {weights_enum.__name__} "
+                f"members: {', '.join(m for m in weights_enum.__members__)}."
+            )
+        return weights
+    if isinstance(weights, str):
+        member = weights.removeprefix(weights_enum.__name__ + ".")
+        if member in weights_enum.__members__:
+            return weights_enum[member]
+        raise ValueError(
+            f"Unknown weights {weights!r} for model {model_name!r}. Allowed: None, a path to a local "
+            f"checkpoint file, or one of {', '.join(weights_enum.__members__)} "
+            f"(optionally prefixed with '{weights_enum.__name__}.')."
+        )
+    raise TypeError(
+        f"weights must be None, a string, a {weights_enum.__name__} member or a path; got {type(weights).__name__}."
+    )
+
+
+def hub_checkpoint_path(weights: WeightsEnum) -> Path:
+    """Where torch's hub cache keeps (or would keep) the file of ``weights``."""
+    filename = os.path.basename(urllib.parse.urlparse(weights.url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def preprocessing_of(weights: WeightsEnum | Path | None) -> Preprocessing:
+    """The preprocessing the weights were trained with (ImageNet statistics when unknown)."""
+    if not isinstance(weights, WeightsEnum):
+        return Preprocessing()
+    transform = weights.transforms()
+    crop = transform.crop_size[0] if isinstance(transform.crop_size, (list, tuple)) else transform.crop_size
+    resize = transform.resize_size[0] if isinstance(transform.resize_size, (list, tuple)) else transform.resize_size
+    return Preprocessing(
+        mean=tuple(float(v) for v in transform.mean),
+        std=tuple(float(v) for v in transform.std),
+        crop_size=int(crop),
+        resize_size=int(resize),
+        interpolation=str(transform.interpolation.value),
+    )
+
+
+def _build_with_enum(builder: Callable[..., nn.Module], weights: WeightsEnum, **kwargs: Any) -> nn.Module:
+    cached = hub_checkpoint_path(weights)
+    if cached.is_file():
+        logger.info("Loading %s from the torch hub cache %s", weights, cached)
+        return builder(weights=weights, **kwargs)
+    try:
+        return builder(weights=weights, **kwargs)
+    except Exception as exc:  # the download failed: network, proxy, disk ...
+        raise WeightsUnavailableError(
+            f"Could not download the pretrained weights {weights} ({type(exc).__name__}: {exc}). "
+            f"Download the file {cached.name} from {weights.url} on a machine with internet access and "
+            f"place it at {cached} (the torch hub cache: $TORCH_HOME/hub/checkpoints); it is then used "
+            "without network."
+        ) from exc
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from a local checkpoint file.
+
+    Accepts ``.safetensors`` files and ``torch.save`` files holding a state dict, or a dict that
+    wraps one under ``'model'``, ``'state_dict'`` or ``'model_state_dict'`` (recognite training
+    checkpoints are of that kind). A ``'module.'`` prefix (DistributedDataParallel) is removed.
+    Pickled files are read with ``weights_only=True``, so loading runs no code from the file.
+
+    Raises:
+        ValueError: If the file holds no state dict.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"Could not read the checkpoint file {path}: {exc}") from exc
+    if isinstance(state, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in state and isinstance(state[key], dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"The checkpoint file {path} does not hold a state dict of tensors.")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def build_network(model_name: str, weights: WeightsEnum | None, **model_kwargs: Any) -> nn.Module:
+    """Build the torchvision network ``model_name``, loading ``weights`` (an enum member or None)."""
+    check_model_name(model_name)
+    builder = get_model_builder(model_name)
+    if model_name in ("googlenet", "inception_v3") and weights is None:
+        # Silence torchvision's FutureWarning about the slow scipy-based default init.
+        model_kwargs.setdefault("init_weights", False)
+    if weights is None:
+        return builder(weights=None, **model_kwargs)
+    return _build_with_enum(builder, weights, **model_kwargs)
+
+
+def drop_auxiliary_heads(network: nn.Module) -> None:
+    """Remove GoogLeNet / Inception-v3 auxiliary classifiers so forward returns one tensor."""
+    if getattr(network, "aux_logits", False):
+        network.aux_logits = False
+        for name in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(network, name):
+                setattr(network, name, None)

@@ -1,0 +1,215 @@
+"""The :class:`Recognizer`: a torchvision network turned into an embedding model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from recognite.model.backbones import (
+    Preprocessing,
+    build_network,
+    check_model_name,
+    drop_auxiliary_heads,
+    preprocessing_of,
+    read_state_dict,
+    resolve_weights,
+)
+from recognite.model.classifier_ops import split_backbone_classifier
+
+logger = logging.getLogger(__name__)
+
+_AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+_EPS = 1e-12
+
+
+def _check_num_classes(num_classes: Any, name: str = "num_classes") -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{name} must be None or a positive integer, got {num_classes!r}.")
+
+
+class Recognizer(nn.Module):
+    """An embedding model built from a torchvision classification network.
+
+    The network's final fully-connected layer is removed; the rest is ``backbone`` and its
+    output width is ``embedding_dim``. With ``num_classes``, a new linear ``classifier`` (no bias by
+    default) is trained on cosine scores: the L2-normalized embedding times the L2-normalized
+    class weight vectors.
+
+    Args:
+        model_name: A name in ``recognite.model.SUPPORTED_MODELS``, e.g. ``"resnet50"``.
+        num_classes: Number of training classes; ``None`` builds no classifier (inference only).
+        weights: ``None``, anything torchvision's multi-weight API accepts for this model
+            (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"ResNet50_Weights.IMAGENET1K_V2"``, the enum
+            member), or a path to a local checkpoint file (a torchvision state dict, or a
+            Recognizer state dict / training checkpoint).
+        bias: Whether the classifier has a bias term (kept off by default, see the user guide).
+        normalize: L2-normalize embeddings and class weight vectors. With ``False`` nothing is
+            normalized: training mode returns plain logits, eval mode the raw embedding.
+        clf_bias: Old name of ``bias``; when given it takes precedence.
+        num_subcenters: Class weight vectors per class (sub-center ArcFace); the classifier then
+            has ``num_classes * num_subcenters`` outputs laid out class by class.
+        **model_kwargs: Passed to the torchvision model builder (e.g. ``dropout``).
+
+    Shapes:
+        - input ``x``: ``(N, 3, H, W)``
+        - ``forward`` in training mode with a classifier: ``(N, num_classes * num_subcenters)``
+          cosine scores in ``[-1, 1]``
+        - ``forward`` otherwise, and ``embed``: ``(N, embedding_dim)``, unit norm when
+          ``normalize=True``
+
+    Raises:
+        ValueError: Unknown ``model_name`` (with close matches), bad ``num_classes`` or weights.
+        FileNotFoundError: ``weights`` is a path that does not exist.
+        recognite.model.WeightsUnavailableError: Pretrained weights had to be downloaded and could
+            not be; the message names the file, its URL and where to place it.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        num_classes: int | None = None,
+        weights: Any = None,
+        bias: bool = False,
+        normalize: bool = True,
+        *,
+        clf_bias: bool | None = None,
+        num_subcenters: int = 1,
+        **model_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        check_model_name(model_name)
+        if num_classes is not None:
+            _check_num_classes(num_classes)
+        _check_num_classes(num_subcenters, "num_subcenters")
+        if clf_bias is not None:
+            bias = clf_bias
+        resolved = resolve_weights(model_name, weights)
+        network = build_network(model_name, resolved if isinstance(resolved, WeightsEnum) else None, **model_kwargs)
+        drop_auxiliary_heads(network)
+        foreign_state = read_state_dict(resolved) if isinstance(resolved, Path) else None
+        if foreign_state is not None and not any(k.startswith("backbone.") for k in foreign_state):
+            # A torchvision-format checkpoint: load it into the full network, head included.
+            state = {k: v for k, v in foreign_state.items() if not k.startswith(_AUX_PREFIXES)}
+            _load_strict(network, state, resolved)
+            foreign_state = None
+
+        backbone, old_head = split_backbone_classifier(network)
+        self.backbone = backbone
+        self.embedding_dim: int = old_head.in_features
+        self.model_name = model_name
+        self.normalize = bool(normalize)
+        self.bias = bool(bias)
+        self.num_subcenters = int(num_subcenters)
+        self.num_classes = num_classes
+        self.weights_name = str(weights) if weights is not None else None
+        self.preprocessing: Preprocessing = preprocessing_of(resolved)
+        self.classifier: nn.Linear | None = None
+        if num_classes is not None:
+            self.set_classifier(num_classes, bias=self.bias)
+
+        if foreign_state is not None:  # a Recognizer-format checkpoint
+            self._load_recognizer_state(foreign_state, resolved)
+
+    def set_classifier(self, num_classes: int | None, bias: bool = False) -> None:
+        """Replace the classifier by a new one with ``num_classes`` classes (``None`` removes it)."""
+        if num_classes is None:
+            self.classifier = None
+            self.num_classes = None
+            return
+        _check_num_classes(num_classes)
+        param = next(self.backbone.parameters())
+        classifier = nn.Linear(self.embedding_dim, num_classes * self.num_subcenters, bias=bias)
+        self.classifier = classifier.to(device=param.device, dtype=param.dtype)
+        self.num_classes = num_classes
+        self.bias = bool(bias)
+
+    def _load_recognizer_state(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+        _load_strict(self.backbone, backbone_state, path)
+        clf_state = {k.removeprefix("classifier."): v for k, v in state.items() if k.startswith("classifier.")}
+        if self.classifier is not None and clf_state:
+            own = self.classifier.state_dict()
+            if {k: v.shape for k, v in clf_state.items()} == {k: v.shape for k, v in own.items()}:
+                self.classifier.load_state_dict(clf_state)
+            else:
+                logger.info("Classifier in %s does not match num_classes=%s; keeping a new one.", path, self.num_classes)
+
+    def config(self) -> dict[str, Any]:
+        """Everything needed to rebuild this model (without its weights)."""
+        return {
+            "model_name": self.model_name,
+            "num_classes": self.num_classes,
+            "bias": self.bias,
+            "normalize": self.normalize,
+            "num_subcenters": self.num_subcenters,
+            "embedding_dim": self.embedding_dim,
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(x)
+        if not isinstance(out, torch.Tensor):  # GoogLeNet / Inception named tuples
+            out = out.logits if hasattr(out, "logits") else out[0]
+        return out
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the embedding of ``x`` in any mode.
+
+        Args:
+            x: Images ``(N, 3, H, W)``.
+
+        Returns:
+            ``(N, embedding_dim)``, L2-normalized when ``normalize=True``.
+        """
+        features = self._features(x)
+        return F.normalize(features, dim=1, eps=_EPS) if self.normalize else features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine scores in training mode with a classifier, the embedding otherwise.
+
+        Args:
+            x: Images ``(N, 3, H, W)``.
+
+        Returns:
+            Training mode with a classifier: ``(N, num_classes * num_subcenters)`` scores (cosines
+            when ``normalize=True``, plus the bias when there is one). Otherwise
+            ``(N, embedding_dim)`` embeddings.
+        """
+        if not (self.training and self.classifier is not None):
+            return self.embed(x)
+        features = self._features(x)
+        if not self.normalize:
+            return self.classifier(features)
+        weight = self.classifier.weight
+        with torch.no_grad():  # keep the stored class vectors at unit norm
+            norms = weight.norm(dim=1, keepdim=True)
+            # Only touch the parameter when needed, so that several forwards before one
+            # backward (gradient accumulation over micro-batches) do not see an in-place edit.
+            if bool(((norms - 1).abs() > 1e-6).any()):
+                weight.div_(norms.clamp_min(_EPS))
+        device_type = features.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            # Gradients flow through the normalization of both factors.
+            scores = F.normalize(features.float(), dim=1, eps=_EPS) @ F.normalize(weight.float(), dim=1, eps=_EPS).T
+            if self.classifier.bias is not None:
+                scores = scores + self.classifier.bias.float()
+        return scores
+
+
+def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path | None) -> None:
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {result.missing_keys[:5]}{' ...' if len(result.missing_keys) > 5 else ''}")
+    if result.unexpected_keys:
+        problems.append(
+            f"unexpected keys {result.unexpected_keys[:5]}{' ...' if len(result.unexpected_keys) > 5 else ''}"
+        )
+    if problems:
+        raise ValueError(f"The weights file {path} does not fit this architecture: {'; '.join(problems)}.")
