@@ -115,7 +115,9 @@ def test_index_error_past_the_end(images):
 
 def test_bad_arguments(images):
     df, _, _ = images
-    with pytest.raises(ValueError, match=r"'label' \(label_key\).*Available columns: \['path', 'species'\]"):
+    with pytest.raises(
+        ValueError, match=r"'label' \(label_key\).*Available columns: \['path', 'species'\]"
+    ):
         DataFrameDataset(df, "label", "path", {"cat": 0, "owl": 1})
     with pytest.raises(ValueError, match=r"'image' \(image_key\)"):
         DataFrameDataset(df, "species", "image", {"cat": 0, "owl": 1})

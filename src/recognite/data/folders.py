@@ -133,7 +133,7 @@ def folder_to_csv(
         except ValueError:  # other drive on Windows: no relative path exists
             return path
 
-    records = list((label, rel(path)) for path, label in rows)
+    records = sorted((label, rel(path)) for path, label in rows)
     df = pd.DataFrame(
         {"image": [r[1] for r in records], "label": [r[0] for r in records]}
     )

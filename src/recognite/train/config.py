@@ -1,0 +1,216 @@
+"""Typed training configuration; its field docs become the ``--help`` text of ``recognite train``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from recognite.model.backbones import check_model_name
+
+LOSSES = ("norm_softmax", "cosface", "arcface", "subcenter_arcface")
+OPTIMIZERS = ("sgd", "adamw")
+SAMPLERS = ("random", "pk")
+METRICS = ("inner", "cosine", "euclid", "sq_euclid")
+AMP_MODES = ("auto", "bf16", "fp16", "none")
+DEVICES = ("auto", "cpu", "cuda")
+THRESHOLD_METHODS = ("f1", "far")
+# Metrics a checkpoint can be chosen by; all are "higher is better".
+CHECKPOINT_METRICS = ("top1", "top5", "mAP", "MAP@R", "R-precision")
+
+
+def _doc(text: str, **kwargs: Any) -> Any:
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``recognite train`` needs; every field is a ``--flag`` (underscores → dashes)."""
+
+    data_csv: str = _doc("CSV file with one row per image: an image path (relative to the CSV's folder) and a label.", default="")
+    image_key: str = _doc("CSV column holding the image paths.", default="image")
+    label_key: str = _doc("CSV column holding the labels.", default="label")
+    num_folds: int = _doc("Number of label-disjoint folds the labels are split into.", default=5)
+    val_fold: str = _doc("Fold used for validation (0..num_folds-1), or 'all' to cross-validate over every fold.", default="0")
+    fold_seed: int = _doc("Seed of the label shuffle that makes the folds.", default=0)
+    num_refs: int = _doc("Reference images per validation label in the gallery; the rest are queries.", default=1)
+    ref_seed: int = _doc("Seed of the choice of gallery references.", default=0)
+
+    model_name: str = _doc("torchvision backbone (see `recognite models`).", default="resnet18")
+    weights: str | None = _doc("Pretrained weights: DEFAULT, a weights name (IMAGENET1K_V1 ...), or a local file. None = from scratch.", default=None)
+    image_size: int = _doc("Side of the square network input in pixels.", default=224)
+    rrc_scale: tuple[float, float] = _doc("Random-resized-crop area range (fraction of the image).", default=(0.25, 1.0))
+    rrc_ratio: tuple[float, float] = _doc("Random-resized-crop aspect-ratio range.", default=(3 / 4, 4 / 3))
+    hflip: float = _doc("Probability of a horizontal flip in training (0 for text, logos, characters).", default=0.0)
+
+    loss: str = _doc(f"Loss on cosine scores: one of {', '.join(LOSSES)}.", default="norm_softmax")
+    temperature: float = _doc("Softmax temperature of norm_softmax (scores are divided by it).", default=0.05)
+    learn_temperature: bool = _doc("Learn the temperature of norm_softmax, starting from --temperature.", default=False)
+    margin: float = _doc("Margin of cosface (cosine) / arcface and subcenter_arcface (radians).", default=0.2)
+    scale: float = _doc("Scale of cosface / arcface logits.", default=20.0)
+    num_subcenters: int = _doc("Sub-centers per class for subcenter_arcface.", default=3)
+
+    batch_size: int = _doc("Training batch size (per process under torchrun).", default=64)
+    val_batch_size: int = _doc("Batch size for computing validation embeddings.", default=128)
+    sampler: str = _doc("Batch composition: 'random' shuffling, or 'pk' (P labels x K images each).", default="random")
+    pk_k: int = _doc("Images per label in a batch with --sampler pk (P = batch_size / K).", default=4)
+    num_workers: int = _doc("Data-loading worker processes.", default=2)
+
+    optimizer: str = _doc("Optimizer: sgd or adamw.", default="sgd")
+    lr: float = _doc("Peak learning rate.", default=0.05)
+    momentum: float = _doc("SGD momentum (adamw: beta1).", default=0.9)
+    weight_decay: float = _doc("Weight decay.", default=5e-4)
+    epochs: int = _doc("Training epochs.", default=10)
+    warmup_epochs: float = _doc("Linear LR warm-up length in epochs (fractions allowed), then cosine decay to 0.", default=1.0)
+    frozen_layers: list[str] = _doc("Backbone parameter-name prefixes to freeze, e.g. conv1 bn1 layer1 (BatchNorm statistics freeze too).", default_factory=list)
+    max_steps_per_epoch: int = _doc("Cap on training steps per epoch (0 = the whole training set); for quick runs.", default=0)
+
+    metric: str = _doc(f"Similarity for validation: one of {', '.join(METRICS)}.", default="cosine")
+    checkpoint_metric: str = _doc(f"Validation metric that picks best.pt: one of {', '.join(CHECKPOINT_METRICS)}.", default="mAP")
+    three_crop: bool = _doc("Validate with three crops along the long side, averaging their embeddings.", default=False)
+    avg_refs: bool = _doc("Average the reference embeddings of each gallery label into one prototype.", default=False)
+    threshold_method: str = _doc("Open-set threshold calibration: 'f1' (best F1 of accept-correct) or 'far' (target false-accept rate).", default="f1")
+    target_far: float = _doc("Target false-accept rate for --threshold-method far.", default=0.05)
+
+    output_dir: str = _doc("Run folder: checkpoints, config.yaml, metrics.csv, report.", default="runs/recognite")
+    resume: str | None = _doc("Checkpoint to resume from exactly, or 'auto' for output_dir/last.pt when present.", default=None)
+    seed: int = _doc("Seed for initialization, shuffling and augmentation.", default=0)
+    device: str = _doc("Device: auto (CUDA when available), cpu or cuda.", default="auto")
+    amp: str = _doc("Mixed precision on GPU: auto (bf16 when supported, else fp16), bf16, fp16 or none. CPU runs in float32.", default="auto")
+    tensorboard: bool = _doc("Also log metrics to TensorBoard (needs recognite[tensorboard]).", default=False)
+    wandb_project: str | None = _doc("Also log to this Weights & Biases project (needs recognite[wandb]).", default=None)
+    report: bool = _doc("Write the HTML report for the best checkpoint at the end (needs recognite[plot]).", default=True)
+    progress: bool = _doc("Show progress bars.", default=True)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field; raise ``ValueError`` naming the flag, the value and what is allowed."""
+        if not self.data_csv:
+            raise ValueError("--data-csv is required: a CSV file with columns for image paths and labels.")
+        _positive_int("num_folds", self.num_folds, minimum=2)
+        if str(self.val_fold) != "all":
+            try:
+                fold = int(self.val_fold)
+            except ValueError:
+                raise ValueError(f"--val-fold must be an integer in 0..{self.num_folds - 1} or 'all', got {self.val_fold!r}.") from None
+            if not 0 <= fold < self.num_folds:
+                raise ValueError(f"--val-fold must be in 0..{self.num_folds - 1} (num_folds={self.num_folds}) or 'all', got {fold}.")
+        self.val_fold = str(self.val_fold)
+        _positive_int("num_refs", self.num_refs)
+        check_model_name(self.model_name)
+        _positive_int("image_size", self.image_size, minimum=8)
+        self.rrc_scale = _pair("rrc_scale", self.rrc_scale, 0.0, 1.0)
+        self.rrc_ratio = _pair("rrc_ratio", self.rrc_ratio, 0.0, math.inf)
+        if not 0.0 <= self.hflip <= 1.0:
+            raise ValueError(f"--hflip is a probability in [0, 1], got {self.hflip}.")
+        _choice("loss", self.loss, LOSSES)
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
+        if self.margin < 0 or self.scale <= 0:
+            raise ValueError(f"--margin must be >= 0 and --scale > 0, got {self.margin} and {self.scale}.")
+        _positive_int("num_subcenters", self.num_subcenters)
+        _positive_int("batch_size", self.batch_size)
+        _positive_int("val_batch_size", self.val_batch_size)
+        _choice("sampler", self.sampler, SAMPLERS)
+        _positive_int("pk_k", self.pk_k)
+        if self.sampler == "pk" and (self.batch_size % self.pk_k or self.batch_size // self.pk_k < 2):
+            raise ValueError(f"--batch-size ({self.batch_size}) must be a multiple of --pk-k ({self.pk_k}) with at least 2 labels per batch.")
+        _positive_int("num_workers", self.num_workers, minimum=0)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.lr <= 0 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"Need --lr > 0, --weight-decay >= 0 and 0 <= --momentum < 1; got {self.lr}, {self.weight_decay}, {self.momentum}.")
+        _positive_int("epochs", self.epochs)
+        if self.warmup_epochs < 0:
+            raise ValueError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}.")
+        _positive_int("max_steps_per_epoch", self.max_steps_per_epoch, minimum=0)
+        _choice("metric", self.metric, METRICS)
+        _choice("checkpoint_metric", self.checkpoint_metric, CHECKPOINT_METRICS)
+        _choice("threshold_method", self.threshold_method, THRESHOLD_METHODS)
+        if not 0 < self.target_far < 1:
+            raise ValueError(f"--target-far must be in (0, 1), got {self.target_far}.")
+        _choice("device", self.device, DEVICES)
+        _choice("amp", self.amp, AMP_MODES)
+        self.frozen_layers = list(self.frozen_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rrc_scale"] = list(self.rrc_scale)
+        d["rrc_ratio"] = list(self.rrc_ratio)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"Unknown config keys {unknown}; allowed keys: {sorted(names)}.")
+        d = dict(d)
+        for key in ("rrc_scale", "rrc_ratio"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved config as YAML, atomically."""
+        atomic_write_text(Path(path), yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML (or JSON) config file into a dict of field values (keys may use dashes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of option names to values, got {type(data).__name__}.")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{_flag(name)} must be one of {', '.join(allowed)}; got {value!r}.")
+
+
+def _pair(name: str, value: Any, low: float, high: float) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{_flag(name)} takes two numbers (min max), got {value!r}.") from None
+    if not (low < a <= b <= high):
+        raise ValueError(f"{_flag(name)} needs {low} < min <= max <= {high}, got {a} {b}.")
+    return a, b
