@@ -51,6 +51,12 @@ def _ref_arcface_target(c: float, m: float, easy: bool = False) -> float:
     return c - m * math.sin(m)
 
 
+def _assert_matches(loss: torch.Tensor, expected: list[float], atol: float = 1e-4) -> None:
+    torch.testing.assert_close(
+        loss, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=atol
+    )
+
+
 def _tensors():
     return torch.tensor(SCORES, dtype=torch.float32), torch.tensor(TARGETS, dtype=torch.int64)
 
@@ -60,7 +66,7 @@ def test_norm_softmax_matches_reference(temperature):
     scores, targets = _tensors()
     loss = NormSoftmaxLoss(temperature=temperature, reduction="none")(scores, targets)
     expected = _ref_loss(SCORES, TARGETS, lambda c: c, 1.0 / temperature)
-    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    _assert_matches(loss, expected, atol=1e-5)
 
 
 def test_reductions():
@@ -78,16 +84,18 @@ def test_cosface_matches_reference(scale, margin):
     scores, targets = _tensors()
     loss = CosFaceLoss(scale=scale, margin=margin, reduction="none")(scores, targets)
     expected = _ref_loss(SCORES, TARGETS, lambda c: c - margin, scale)
-    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-4)
+    _assert_matches(loss, expected)
 
 
-@pytest.mark.parametrize("scale,margin,easy", [(30.0, 0.5, False), (8.0, 0.3, False), (8.0, 0.5, True)])
+@pytest.mark.parametrize(
+    "scale,margin,easy", [(30.0, 0.5, False), (8.0, 0.3, False), (8.0, 0.5, True)]
+)
 def test_arcface_matches_reference(scale, margin, easy):
     scores, targets = _tensors()
     loss_fn = ArcFaceLoss(scale=scale, margin=margin, easy_margin=easy, reduction="none")
     loss = loss_fn(scores, targets)
     expected = _ref_loss(SCORES, TARGETS, lambda c: _ref_arcface_target(c, margin, easy), scale)
-    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-4)
+    _assert_matches(loss, expected)
 
 
 def test_arcface_fallback_branch_is_used():
@@ -132,7 +140,7 @@ def test_subcenter_arcface_matches_reference_and_layout():
     torch.testing.assert_close(loss_fn.class_scores(scores.detach()), torch.tensor(per_class))
     loss = loss_fn(scores, torch.tensor(targets))
     expected = _ref_loss(per_class, targets, lambda c: _ref_arcface_target(c, 0.4), 20.0)
-    torch.testing.assert_close(loss, torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-4)
+    _assert_matches(loss, expected)
     # only the best sub-center of each class receives a gradient
     loss.sum().backward()
     nonzero = (scores.grad != 0).tolist()
@@ -196,10 +204,23 @@ def test_learned_temperature_gets_gradient_matching_analytic():
     assert loss_fn.temperature > 0
 
 
-def test_fixed_temperature_has_no_parameters():
+def test_fixed_temperature_has_no_parameters_and_no_state():
     loss_fn = NormSoftmaxLoss(temperature=0.05)
     assert list(loss_fn.parameters()) == []
     assert loss_fn.temperature == pytest.approx(0.05)
+    assert loss_fn.state_dict() == {}
+
+
+def test_learned_temperature_round_trips_through_state_dict():
+    trained = NormSoftmaxLoss(temperature=0.1, learn_temperature=True)
+    with torch.no_grad():
+        trained.log_scale.fill_(math.log(7.0))
+    restored = NormSoftmaxLoss(temperature=0.1, learn_temperature=True)
+    restored.load_state_dict(trained.state_dict())
+    assert restored.temperature == pytest.approx(1 / 7.0)
+    scores, targets = _tensors()
+    expected = sum(_ref_loss(SCORES, TARGETS, lambda c: c, 7.0)) / 3
+    assert restored(scores, targets).item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)

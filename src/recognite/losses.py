@@ -157,7 +157,8 @@ class NormSoftmaxLoss(_CosineLoss):
     With ``learn_temperature=True`` the inverse temperature is learned as
     ``scale = exp(log_scale)`` (always positive), starting from ``1 / temperature``; the
     parameter ``log_scale`` must then be given to the optimizer (it is a parameter of this
-    module). ``NormSoftmaxLoss(temperature=1.0)`` is plain cross-entropy on the raw cosines.
+    module, and the only entry of its ``state_dict``; a fixed temperature is not saved).
+    ``NormSoftmaxLoss(temperature=1.0)`` is plain cross-entropy on the raw cosines.
 
     Args:
         temperature: Divides the cosines; > 0. Small values (0.05) sharpen the softmax.
@@ -191,7 +192,9 @@ class NormSoftmaxLoss(_CosineLoss):
         if self.learn_temperature:
             self.log_scale = nn.Parameter(log_scale)
         else:
-            self.register_buffer("log_scale", log_scale)
+            # not in the state dict: a fixed temperature comes from the arguments, not from a
+            # checkpoint
+            self.register_buffer("log_scale", log_scale, persistent=False)
 
     @property
     def temperature(self) -> float:
@@ -450,7 +453,9 @@ def build_loss(name: str, **kwargs: Any) -> nn.Module:
         NormSoftmaxLoss(temperature=0.1, learn_temperature=False)
     """
     if not isinstance(name, str):
-        raise ValueError(f"loss name must be a string, one of {', '.join(LOSS_NAMES)}; got {name!r}")
+        raise ValueError(
+            f"loss name must be a string, one of {', '.join(LOSS_NAMES)}; got {name!r}"
+        )
     key = name.strip().lower().replace("-", "_")
     if key not in _LOSSES:
         close = difflib.get_close_matches(key, LOSS_NAMES, n=2)

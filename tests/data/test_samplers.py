@@ -109,19 +109,38 @@ def test_ranks_get_disjoint_equal_shares(drop_last, per_rank):
     num_replicas = 3
     shares = [
         _batches(
-            PKBatchSampler(labels, p=4, k=2, num_batches=11, seed=7, drop_last=drop_last,
-                           num_replicas=num_replicas, rank=rank)
+            PKBatchSampler(
+                labels,
+                p=4,
+                k=2,
+                num_batches=11,
+                seed=7,
+                drop_last=drop_last,
+                num_replicas=num_replicas,
+                rank=rank,
+            )
         )
         for rank in range(num_replicas)
     ]
     assert [len(s) for s in shares] == [per_rank] * num_replicas
     for rank in range(num_replicas):
-        sampler = PKBatchSampler(labels, p=4, k=2, num_batches=11, seed=7, drop_last=drop_last,
-                                 num_replicas=num_replicas, rank=rank)
+        sampler = PKBatchSampler(
+            labels,
+            p=4,
+            k=2,
+            num_batches=11,
+            seed=7,
+            drop_last=drop_last,
+            num_replicas=num_replicas,
+            rank=rank,
+        )
         assert len(sampler) == per_rank
     # rank r holds global batches r, r + R, ...: the same as one process drawing them all
-    single = _batches(PKBatchSampler(labels, p=4, k=2, num_batches=per_rank * num_replicas,
-                                     seed=7, num_replicas=1, rank=0))
+    single = _batches(
+        PKBatchSampler(
+            labels, p=4, k=2, num_batches=per_rank * num_replicas, seed=7, num_replicas=1, rank=0
+        )
+    )
     for rank, share in enumerate(shares):
         assert share == single[rank::num_replicas]
     all_batches = [tuple(b) for s in shares for b in s]
@@ -154,8 +173,9 @@ def test_tensor_and_numpy_labels_and_dataloader():
     for labels in (torch.tensor(int_labels), np.array(int_labels)):
         assert _batches(PKBatchSampler(labels, p=2, k=2, num_batches=5, seed=11)) == expected
     dataset = TensorDataset(torch.arange(12), torch.tensor(int_labels))
-    loader = DataLoader(dataset, batch_sampler=PKBatchSampler(int_labels, p=2, k=2,
-                                                              num_batches=5, seed=11))
+    loader = DataLoader(
+        dataset, batch_sampler=PKBatchSampler(int_labels, p=2, k=2, num_batches=5, seed=11)
+    )
     seen = [(indices.tolist(), labels.tolist()) for indices, labels in loader]
     assert [indices for indices, _ in seen] == expected
     for indices, labels in seen:

@@ -165,3 +165,15 @@ def test_first_distinct_by_hand():
     assert found.tolist() == [3, 3]
     s, i, c, found = first_distinct(scores[1:, :2], indices[1:, :2], row_codes, 3)
     assert c.tolist() == [[0, 1, -1]] and found.tolist() == [2] and s[0, 2] == float("-inf")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_device_gives_cpu_answers(reference):
+    refs, labels, queries = _fixture(seed=2)
+    gallery = GalleryIndex(device="cuda")
+    gallery.add(refs, labels)
+    result = gallery.search(queries, k=4, chunk_size=16)
+    assert result.scores.device.type == "cpu"
+    ref_scores, ref_labels = reference.label_scores(queries, refs, labels)
+    reference.assert_matches_reference(result, ref_scores, ref_labels, 4)

@@ -10,10 +10,18 @@ from .folders import IMAGE_EXTENSIONS, folder_to_csv
 from .splits import k_fold_trainval_split, split_gallery_query
 from .train_val import label_mapping, train_val_datasets
 
-# demo/samplers exports are added by the lead
+from .demo import default_demo_root, make_demo_dataset
+from .samplers import PKBatchSampler
+from .transforms import eval_transform, three_crop_eval_transform, train_transform
 
 __all__ = [
     "DataFrameDataset",
+    "PKBatchSampler",
+    "default_demo_root",
+    "eval_transform",
+    "make_demo_dataset",
+    "three_crop_eval_transform",
+    "train_transform",
     "IMAGE_EXTENSIONS",
     "folder_to_csv",
     "k_fold_trainval_split",

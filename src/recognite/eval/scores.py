@@ -125,6 +125,28 @@ def pairwise_scores(
     return torch.cat([scorer(part) for part in query_embs.split(chunk)])
 
 
+def batched_pairwise_scores(
+    query_embs: torch.Tensor, gallery_embs: torch.Tensor, metric: str
+) -> torch.Tensor:
+    """Scores of ``(B, M, D)`` queries against ``(B, N, D)`` galleries -> ``(B, M, N)`` (private).
+
+    Same formulas as :class:`_GalleryScorer`, batched with ``bmm`` for many small problems.
+    """
+    check_metric(metric)
+    if metric == "cosine":
+        query_embs = query_embs / query_embs.norm(dim=2, keepdim=True).clamp_min(1e-12)
+        gallery_embs = gallery_embs / gallery_embs.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    products = torch.bmm(query_embs, gallery_embs.transpose(1, 2))
+    if metric in ("inner", "cosine"):
+        return products
+    query_sq = (query_embs * query_embs).sum(dim=2, keepdim=True)
+    gallery_sq = (gallery_embs * gallery_embs).sum(dim=2).unsqueeze(1)
+    sq_dist = products.mul_(-2.0).add_(query_sq).add_(gallery_sq).clamp_(min=0.0)
+    if metric == "euclid":
+        sq_dist.sqrt_()
+    return sq_dist.neg_()
+
+
 def _labels_to_tensor(labels: Any) -> torch.Tensor:
     if isinstance(labels, torch.Tensor):
         return labels.detach().reshape(-1).cpu()

@@ -60,9 +60,8 @@ def build_ivf(matrix: torch.Tensor, nlist: int, train_size: int, seed: int = 0) 
         sample = data[np.sort(rng.choice(num_rows, size=train_size, replace=False))]
     else:
         sample = data
-    index.train(sample)
+    index.train(sample)  # faiss keeps a reference to the quantizer (referenced_objects)
     index.add(data)
-    index._recognite_quantizer = quantizer  # keep the coarse quantizer alive with the index
     return index
 
 

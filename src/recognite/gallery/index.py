@@ -338,8 +338,12 @@ class GalleryIndex:
             self._ids = [""] * len(self)
         if self._ids is not None:
             self._ids.extend(new_ids if new_ids is not None else [""] * emb.shape[0])
-        self._embeddings = torch.cat([self._embeddings, emb])
-        self._codes = torch.cat([self._codes, torch.tensor(codes, dtype=torch.long)])
+        new_codes = torch.tensor(codes, dtype=torch.long)
+        if len(self) == 0:  # no copy of a large first batch
+            self._embeddings, self._codes = emb, new_codes
+        else:
+            self._embeddings = torch.cat([self._embeddings, emb])
+            self._codes = torch.cat([self._codes, new_codes])
         self._cache.clear()
 
     def remove(self, labels: str | Iterable[str]) -> int:
@@ -525,8 +529,9 @@ class GalleryIndex:
         Args:
             query_embeddings: (Q, D) or (D,) queries.
             k: labels listed per query.
-            threshold: cosine-similarity threshold (e.g. calibrated on validation data); scores
-                equal to it are accepted; None never answers unknown.
+            threshold: cosine-similarity threshold, e.g. from
+                ``recognite.eval.threshold_at_far`` on validation queries; scores equal to it are
+                accepted; None (or ``-inf``) never answers unknown.
             chunk_size, nprobe: as in :meth:`search`.
 
         Returns:

@@ -13,7 +13,10 @@ UNKNOWN = "unknown"
 
 
 def check_threshold(threshold: float | None) -> float | None:
-    """Return ``threshold`` as a float (or None); ValueError/TypeError for non-finite or non-numbers."""
+    """Return ``threshold`` as a float (or None); ValueError for NaN, TypeError for non-numbers.
+
+    ``-inf`` accepts every query (as returned by ``recognite.eval.threshold_at_far`` when any
+    false-accept rate is allowed) and ``+inf`` rejects every query."""
     if threshold is None:
         return None
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) and not (
@@ -21,8 +24,8 @@ def check_threshold(threshold: float | None) -> float | None:
     ):
         raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__} {threshold!r}.")
     value = float(threshold)
-    if not math.isfinite(value):
-        raise ValueError(f"threshold must be a finite number or None, got {value!r}.")
+    if math.isnan(value):
+        raise ValueError(f"threshold must be a number (or None), got {value!r}.")
     return value
 
 

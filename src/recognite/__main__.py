@@ -1,0 +1,5 @@
+import sys
+
+from recognite.cli import main
+
+sys.exit(main())

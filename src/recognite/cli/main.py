@@ -1,0 +1,62 @@
+"""``recognite``: one console script with subcommands (``recognite --help`` lists them)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from recognite.cli import commands
+
+logger = logging.getLogger("recognite")
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recognite",
+        description="Open-set image recognition: train an embedding model, recognize classes never seen in training.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in commands.REGISTRY:
+        register(sub)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    root = logging.getLogger("recognite")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print(f"recognite {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except commands.USER_ERRORS as exc:
+        if args.verbose:
+            logger.exception("failed")
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"recognite {args.command}: error: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, (ValueError, FileNotFoundError, TypeError)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
