@@ -98,7 +98,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from recognite.train import train
 
     root = Path(args.data_dir) if args.data_dir else default_demo_root()
-    csv_file = make_demo_dataset(root, num_classes=args.num_classes)
+    csv_file = make_demo_dataset(root, num_classes=args.num_classes, progress=getattr(args, "progress", True))
     values = dict(DEMO_DEFAULTS)
     values["data_csv"] = str(csv_file)
     values.update(dataclass_values(args, TrainConfig))

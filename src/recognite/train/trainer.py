@@ -324,15 +324,22 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
             "history": history, "best_value": best_value, "epoch_loss": epoch_loss, "threshold": threshold, "world_size": info.world_size,
         }
 
-    def run_validation(epoch: int, train_loss: float | None, lr: float) -> ValidationResult:
+    table_started = False
+
+    def run_validation(epoch: int, train_loss: float | None, lr: float, images_per_s: float | None = None) -> ValidationResult:
+        nonlocal table_started
         result = validate(model, _shard(ds_gallery, info), _shard(ds_query, info), config, device, info)
-        row = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": train_loss, "lr": lr, **result.metrics}
+        row = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": train_loss, "lr": lr,
+               "train_images_per_s": images_per_s, **result.metrics}
         history.append(row)
         if info.is_main:
             csv_logger.log(row)
             for extra in extra_loggers:
                 extra.log(row)
+            if not table_started:
+                logger.info(_table_header())
             logger.info(_format_row(row))
+        table_started = True
         return result
 
     show = config.progress and info.is_main
@@ -363,6 +370,7 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
             loss_sum, loss_count = (0.0, 0) if start_batch == 0 else resumed_epoch_loss
             batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show,
                            initial=start_batch, total=start_batch + len(batch_sampler))
+            epoch_start = time.perf_counter()
             for batch_index, (images, labels) in enumerate(batches, start=start_batch):
                 images = images.to(device, non_blocking=True)
                 labels = labels.to(device, non_blocking=True)
@@ -391,8 +399,10 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
             start_batch_of_epoch, start_batch = start_batch, 0
             position = (epoch, start_batch_of_epoch + len(batch_sampler))
             rng_after_step = None
+            train_seconds = time.perf_counter() - epoch_start
+            images_per_s = len(batch_sampler) * config.batch_size * info.world_size / max(train_seconds, 1e-9)
             train_loss = distributed.mean_across(loss_sum / max(1, loss_count), info, device)
-            result = run_validation(epoch + 1, train_loss, scheduler.get_last_lr()[0])
+            result = run_validation(epoch + 1, train_loss, scheduler.get_last_lr()[0], images_per_s)
             value = result.metrics[config.checkpoint_metric]
             improved = value > best_value
             if improved:
@@ -425,13 +435,22 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
     return TrainResult(run_dir=run_dir, history=history, best=best_row, threshold=threshold, interrupted=interrupted)
 
 
+_TABLE_COLUMNS = (("epoch", "epoch", "{:>5}"), ("train_loss", "loss", "{:>7.4f}"), ("top1", "top1", "{:>6.4f}"),
+                  ("top5", "top5", "{:>6.4f}"), ("mAP", "mAP", "{:>6.4f}"), ("MAP@R", "MAP@R", "{:>6.4f}"),
+                  ("hard_pos_mean", "hardpos", "{:>7.4f}"), ("hard_neg_mean", "hardneg", "{:>7.4f}"),
+                  ("threshold", "thresh", "{:>6.4f}"), ("train_images_per_s", "img/s", "{:>7.1f}"))
+_WIDTHS = (5, 7, 6, 6, 6, 6, 7, 7, 6, 7)
+
+
+def _table_header() -> str:
+    return "  ".join(f"{title:>{width}}" for (_, title, _), width in zip(_TABLE_COLUMNS, _WIDTHS))
+
+
 def _format_row(row: dict[str, Any]) -> str:
-    parts = []
-    for key, value in row.items():
-        if value is None:
-            continue
-        if isinstance(value, float):
-            parts.append(f"{key} {value:.4f}" if key != "lr" else f"{key} {value:.2e}")
-        else:
-            parts.append(f"{key} {value}")
-    return " | ".join(parts)
+    """One line of the per-epoch metrics table (missing values shown as '-')."""
+    cells = []
+    for (key, _, fmt), width in zip(_TABLE_COLUMNS, _WIDTHS):
+        value = row.get(key)
+        ok = value is not None and not (isinstance(value, float) and math.isnan(value))
+        cells.append(fmt.format(value) if ok else f"{'-':>{width}}")
+    return "  ".join(cells)

@@ -1,0 +1,87 @@
+"""Training throughput of `recognite train` against a bare PyTorch loop, measured in one run.
+
+Both train the same model (Recognizer + normalized softmax), on the same data (the demo dataset),
+with the same batch size, transform, optimizer and number of steps. Only the training steps are
+timed (the trainer reports its own `train_images_per_s` per epoch; validation is excluded). The
+two contenders alternate `--repeats` times and the medians are compared.
+
+    python benchmarks/train_bench.py --steps 30 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from recognite.data import default_demo_root, make_demo_dataset, train_transform, train_val_datasets
+from recognite.losses import NormSoftmaxLoss
+from recognite.model import Recognizer
+from recognite.train import TrainConfig, train
+
+
+def bare_loop(csv_file: Path, args: argparse.Namespace) -> float:
+    """Images per second of a plain PyTorch training loop."""
+    torch.manual_seed(0)
+    model = Recognizer(args.model_name)
+    tfm = train_transform(model.preprocessing, args.image_size, (0.6, 1.0))
+    ds_train, _, _ = train_val_datasets(str(csv_file), tfm_train=tfm)
+    model.set_classifier(len(ds_train.unique_labels))
+    loss_fn = NormSoftmaxLoss(temperature=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    loader = DataLoader(ds_train, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                        num_workers=args.num_workers)
+    model.train()
+    start = time.perf_counter()
+    steps = 0
+    for images, labels in loader:
+        loss = loss_fn(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        if steps == args.steps:
+            break
+    return steps * args.batch_size / (time.perf_counter() - start)
+
+
+def recognite_train(csv_file: Path, args: argparse.Namespace, out: Path) -> float:
+    config = TrainConfig(
+        data_csv=str(csv_file), model_name=args.model_name, image_size=args.image_size, batch_size=args.batch_size,
+        num_workers=args.num_workers, epochs=1, max_steps_per_epoch=args.steps, rrc_scale=(0.6, 1.0),
+        output_dir=str(out), progress=False, report=False,
+    )
+    train(config)
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    return float(rows[-1]["train_images_per_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--model-name", default="resnet18")
+    parser.add_argument("--num-workers", type=int, default=0)
+    args = parser.parse_args()
+    csv_file = make_demo_dataset(default_demo_root(), progress=False)
+    bare, ours = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            bare.append(bare_loop(csv_file, args))
+            ours.append(recognite_train(csv_file, args, Path(tmp) / f"run{repeat}"))
+            print(f"repeat {repeat + 1}: bare loop {bare[-1]:.1f} img/s, recognite train {ours[-1]:.1f} img/s")
+    ratio = statistics.median(ours) / statistics.median(bare)
+    print(f"median: bare loop {statistics.median(bare):.1f} img/s, recognite train {statistics.median(ours):.1f} img/s")
+    print(f"recognite train / bare loop throughput: {ratio:.3f} ({(1 - ratio) * 100:+.1f}% slower)")
+
+
+if __name__ == "__main__":
+    main()
