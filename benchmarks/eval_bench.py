@@ -28,7 +28,7 @@ import time
 
 NUM_LABELS, PER_LABEL, DIM = 4000, 5, 256
 STREAM_QUERIES, STREAM_GALLERY, STREAM_DIM, STREAM_PER_LABEL = 1000, 1_000_000, 128, 5
-NOISE = 1.0
+NOISE = 1.6
 SEED = 0
 
 
@@ -139,9 +139,10 @@ def run_streaming() -> dict:
 CONTENDERS = {"baseline": run_baseline, "library": run_library, "streaming": run_streaming}
 
 
-def _spawn(name: str) -> dict:
+def _spawn(name: str, threads: int) -> dict:
     proc = subprocess.run(
-        [sys.executable, __file__, "--contender", name], capture_output=True, text=True, check=False
+        [sys.executable, __file__, "--contender", name, "--threads", str(threads)],
+        capture_output=True, text=True, check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"contender {name} failed:\n{proc.stderr}")
@@ -152,13 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contender", choices=sorted(CONTENDERS), help="run one contender (internal)")
     parser.add_argument("--skip-streaming", action="store_true", help="skip the 1M-gallery run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads in every contender (default 1: stable figures "
+                             "on a shared machine; numpy's per-query loop is single-threaded anyway)")
     args = parser.parse_args(argv)
     if args.contender:
+        import torch
+
+        torch.set_num_threads(args.threads)
         print(json.dumps(CONTENDERS[args.contender]()))
         return 0
-    print(f"reference problem: Q={NUM_LABELS}, G={NUM_LABELS * PER_LABEL}, D={DIM}, cosine")
-    base = _spawn("baseline")
-    lib = _spawn("library")
+    print(f"reference problem: Q={NUM_LABELS}, G={NUM_LABELS * PER_LABEL}, D={DIM}, cosine, "
+          f"noise {NOISE}, torch threads {args.threads}")
+    base = _spawn("baseline", args.threads)
+    lib = _spawn("library", args.threads)
     for name, res in (("baseline", base), ("library", lib)):
         print(f"  {name:9s} {res['seconds']:7.2f} s  peak RSS {res['peak_rss_mb']:7.0f} MB  "
               f"top1 {res['top1']:.4f}  top5 {res['top5']:.4f}  mAP {res['mAP']:.6f}  "
@@ -168,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(target >= 10x); library peak RSS {lib['peak_rss_mb']:.0f} MB (target < 1536 MB)")
     print(f"  |mAP difference| = {abs(base['mAP'] - lib['mAP']):.2e}")
     if not args.skip_streaming:
-        stream = _spawn("streaming")
+        stream = _spawn("streaming", args.threads)
         print(f"streaming: Q={STREAM_QUERIES}, G={STREAM_GALLERY}, D={STREAM_DIM}, cosine")
         print(f"  {stream['seconds']:.1f} s  peak RSS {stream['peak_rss_mb']:.0f} MB "
               f"(after building the data: {stream['rss_after_data_mb']:.0f} MB; target < 4096 MB)  "

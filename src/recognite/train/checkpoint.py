@@ -16,9 +16,11 @@ CHECKPOINT_VERSION = 1
 
 def rng_states() -> dict[str, Any]:
     """The states of Python's, NumPy's and torch's global RNGs (CUDA included when present)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # Stored as plain types and tensors so that checkpoints load with weights_only=True.
+        "numpy": (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached_gaussian)),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -29,7 +31,8 @@ def rng_states() -> dict[str, Any]:
 def set_rng_states(states: dict[str, Any]) -> None:
     """Restore RNG states saved by :func:`rng_states`."""
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
+    kind, keys, pos, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -64,8 +67,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist.")
     try:
-        # The checkpoint holds RNG states (NumPy arrays, tuples), so it is not weights-only.
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # Only tensors and plain Python values: no code from the file runs while loading.
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ValueError(f"Could not read checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state or "version" not in state:
