@@ -107,6 +107,7 @@ class Recognizer(nn.Module):
         self.bias = bool(bias)
         self.num_subcenters = int(num_subcenters)
         self.num_classes = num_classes
+        self.model_kwargs: dict[str, Any] = dict(model_kwargs)
         self.weights_name = str(weights) if weights is not None else None
         self.preprocessing: Preprocessing = preprocessing_of(resolved)
         self.classifier: nn.Linear | None = None
@@ -150,7 +151,19 @@ class Recognizer(nn.Module):
             "num_subcenters": self.num_subcenters,
             "embedding_dim": self.embedding_dim,
             "preprocessing": self.preprocessing.to_dict(),
+            "model_kwargs": dict(self.model_kwargs),
         }
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str | torch.device | None = None) -> Recognizer:
+        """Load the model of a bundle folder written by :func:`recognite.bundle.save_bundle` (eval mode).
+
+        The bundle's weights are checked against their SHA-256; its preprocessing, image size and
+        threshold are available from :func:`recognite.bundle.load_bundle`.
+        """
+        from recognite.bundle import load_bundle  # local import: bundle imports this module
+
+        return load_bundle(path, device=device).model
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.backbone(x)
