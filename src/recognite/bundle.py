@@ -442,8 +442,7 @@ def bundle_from_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os
     unit-norm embeddings is converted to the equivalent cosine similarity.
 
     Args:
-        checkpoint_path: The training checkpoint (read with ``torch.load``: only convert your own
-            checkpoints, as pickled files can run code).
+        checkpoint_path: The training checkpoint (read with ``torch.load(weights_only=True)``).
         out_dir: The bundle folder to write.
         image_size: Override the training image size.
 

@@ -59,15 +59,19 @@ def test_max_f1_tie_picks_highest_threshold():
     assert out["T@maxF1"].tolist() == pytest.approx([0.9])
 
 
-@pytest.mark.parametrize("ties", [False, True])
-def test_pr_curves_and_ap_match_sklearn(ties):
-    rng = np.random.default_rng(7 + ties)
-    num_queries, num_gallery = 31, 57
+@pytest.mark.parametrize(("ties", "num_gallery"), [(False, 57), (True, 57), (False, 400), (True, 400)])
+def test_pr_curves_and_ap_match_sklearn(ties, num_gallery):
+    # G=400 exercises the shared top-k over the whole chunk; G=57 the per-bucket sorts.
+    rng = np.random.default_rng(7 + ties + num_gallery)
+    num_queries = 31
     scores = rng.normal(size=(num_queries, num_gallery)).astype(np.float32)
     if ties:
         scores = np.round(scores * 2) / 2
-    gallery_labels = rng.integers(0, 9, size=num_gallery)
-    query_labels = rng.integers(0, 10, size=num_queries)
+    gallery_labels = rng.integers(0, 9 if num_gallery < 100 else 150, size=num_gallery)
+    query_labels = rng.integers(0, 10 if num_gallery < 100 else 160, size=num_queries)
+    if num_gallery >= 100:  # make most positives rank high, so most rows are shallow
+        for q in range(num_queries):
+            scores[q, gallery_labels == query_labels[q]] += 2.0
     out = pr_metrics(torch.from_numpy(scores), torch.from_numpy(gallery_labels), torch.from_numpy(query_labels),
                      memory_budget=3000)
     aps = []

@@ -91,6 +91,26 @@ def test_evaluate_scores_equals_functions_and_reference(reference):
     assert out["cmc"].tolist() == pytest.approx(expected["cmc"])
 
 
+def test_streaming_equals_reference_on_a_larger_gallery(reference):
+    gen = torch.Generator().manual_seed(8)
+    centres = torch.randint(-3, 4, (120, 6), generator=gen).float()
+    gallery_labels = torch.arange(120).repeat_interleave(3)
+    gallery = centres[gallery_labels] + torch.randint(-1, 2, (360, 6), generator=gen).float()
+    query_labels = torch.randint(0, 130, (40,), generator=gen)
+    query = centres[query_labels.clamp(max=119)] + torch.randint(-1, 2, (40, 6), generator=gen).float()
+    out = evaluate_embeddings(query, query_labels, gallery, gallery_labels, metric="sq_euclid",
+                              ks=(1, 2, 3), chunk_size=16)
+    scores = pairwise_scores(query, gallery, "sq_euclid")
+    expected = reference(scores.numpy(), gallery_labels.numpy(), query_labels.numpy(), (1, 2, 3))
+    assert out["mAP"] == pytest.approx(expected["mAP"])
+    assert out["map_at_r"] == pytest.approx(expected["map_at_r"])
+    assert out["r_precision"] == pytest.approx(expected["r_precision"])
+    assert out["cmc"].tolist() == pytest.approx(expected["cmc"])
+    for k in (1, 2, 3):
+        assert out["recall_at_k"][k] == pytest.approx(expected["recall_at_k"][k])
+        assert out["top_k_accuracy"][k] == pytest.approx(expected["top_k_accuracy"][k])
+
+
 def test_memory_budget_sets_chunks_and_cmc_length():
     query, query_labels, gallery, gallery_labels = _problem(seed=2)
     small = evaluate_embeddings(query, query_labels, gallery, gallery_labels, memory_budget=700,

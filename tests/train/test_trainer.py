@@ -20,7 +20,7 @@ def _params(path) -> dict[str, torch.Tensor]:
 def test_a_short_run_writes_checkpoints_metrics_and_config(tiny_csv, tmp_path):
     result = train(tiny_config(tiny_csv, tmp_path / "run"))
     run = tmp_path / "run"
-    for name in ("last.pt", "best.pt", "metrics.csv", "config.yaml"):
+    for name in ("last.pt", "best.pt", "metrics.csv", "config.yaml", "bundle/bundle.json", "bundle/model.safetensors"):
         assert (run / name).is_file(), name
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]

@@ -21,65 +21,158 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ._checks import check_finite
+from ._checks import check_finite, rows_per_chunk
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
 _BYTES_PER_RANKED_ELEMENT = 64
+_MAX_COUNTED_POSITIVES = 32  # rows with more positives are sorted rather than counted
+_MAX_TOPK_DEPTH = 1024  # deeper rows with few positives are counted rather than sorted
+_BYTES_PER_ELEMENT_COUNTED = 8
 NO_RANK = torch.iinfo(torch.int64).max
 """First-positive rank of a query without positives (never <= any k)."""  # values, indices, masks and counters per top-k element
 
 
-def positives_mask(gallery_labels: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
-    """``(c, G)`` boolean mask: gallery item has the query's label."""
-    return gallery_labels.unsqueeze(0) == query_labels.unsqueeze(1)
+class LabelIndex:
+    """The gallery grouped by label, so a query's positives are found without a ``(Q, G)`` mask."""
+
+    def __init__(self, gallery_labels: torch.Tensor) -> None:
+        self.gallery_labels = gallery_labels
+        self.sorted_labels, self.order = torch.sort(gallery_labels, stable=True)
+
+    def positives(self, query_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(index (c, P), valid (c, P), num_pos (c,))``: gallery indices of each query's positives.
+
+        ``P`` is the largest positive count in the chunk; padding slots repeat a row's first
+        positive (or point at item 0 when the row has none) and are marked invalid.
+        """
+        query_labels = query_labels.to(self.sorted_labels.dtype)
+        first = torch.searchsorted(self.sorted_labels, query_labels, right=False)
+        last = torch.searchsorted(self.sorted_labels, query_labels, right=True)
+        num_pos = last - first
+        width = max(1, int(num_pos.max()) if num_pos.numel() else 1)
+        slots = torch.arange(width, device=query_labels.device)
+        valid = slots.unsqueeze(0) < num_pos.unsqueeze(1)
+        position = torch.where(valid, first.unsqueeze(1) + slots, first.unsqueeze(1))
+        position = position.clamp(max=self.order.numel() - 1)
+        index = torch.where(num_pos.unsqueeze(1) > 0, self.order[position], 0)
+        return index, valid, num_pos
 
 
-def extreme_stats(scores: torch.Tensor, pos: torch.Tensor) -> dict[str, torch.Tensor]:
+class Workspace:
+    """Reusable ``(rows, G)`` buffers, so chunks do not allocate (and page-fault) fresh memory."""
+
+    def __init__(self) -> None:
+        self._floats: torch.Tensor | None = None
+        self._flags: torch.Tensor | None = None
+
+    def floats(self, like: torch.Tensor) -> torch.Tensor:
+        rows, cols = like.shape
+        buf = self._floats
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._floats = torch.empty((rows, cols), dtype=like.dtype, device=like.device)
+        return buf[:rows]
+
+    def count_ge(self, values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        """``(r,)`` int64: number of entries of each row of ``values (r, G)`` that are ``>= threshold``.
+
+        The comparison writes 0/1 into a reused floating buffer that is then summed: far faster
+        than reducing booleans, and exact (float32 holds every integer below 2**24; float64 is
+        used for wider rows).
+        """
+        rows, cols = values.shape
+        dtype = torch.float32 if cols < 2**24 else torch.float64
+        buf = self._flags
+        if (
+            buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype
+            or buf.device != values.device
+        ):
+            buf = self._flags = torch.empty((rows, cols), dtype=dtype, device=values.device)
+        flags = torch.ge(values, thresholds.unsqueeze(1).to(values.dtype), out=buf[:rows])
+        return flags.sum(dim=1).long()
+
+
+def extreme_stats(
+    scores: torch.Tensor,
+    label_index: LabelIndex,
+    query_labels: torch.Tensor,
+    need_max_neg: bool = True,
+    need_first_rank: bool = True,
+    workspace: Workspace | None = None,
+) -> dict[str, torch.Tensor]:
     """Per-query counts and extreme scores of positives and negatives (one chunk).
 
-    Returns ``num_pos``, ``num_neg`` (int64), ``max_pos`` / ``max_neg`` (``-inf`` when absent),
-    ``min_pos`` (``+inf`` when absent) and ``first_rank``: the pessimistic rank of the best
-    positive (``1 + #negatives scoring >= the best positive``; :data:`NO_RANK` when there is none).
+    Returns ``num_pos``, ``num_neg`` (int64), ``max_pos`` (``-inf`` when absent), ``min_pos``
+    (``+inf`` when absent) and, when asked, ``max_neg`` (``-inf`` when absent) and ``first_rank``:
+    the pessimistic rank of the best positive (``1 + #negatives scoring >= the best positive``;
+    :data:`NO_RANK` without one). Never builds a ``(c, G)`` label mask: positives are gathered
+    through the label index, negatives are the chunk with its positives overwritten by ``-inf``.
     """
     check_finite(scores)
+    workspace = workspace if workspace is not None else Workspace()
     num_gallery = scores.shape[1]
-    num_pos = torch.count_nonzero(pos, dim=1)
-    masked = scores.masked_fill(~pos, _NEG_INF)
-    max_pos = masked.amax(dim=1)
-    masked = scores.masked_fill(~pos, _POS_INF)
-    min_pos = masked.amin(dim=1)
-    masked = scores.masked_fill(pos, _NEG_INF)
-    max_neg = masked.amax(dim=1)
-    negs_ahead = torch.count_nonzero(masked >= max_pos.unsqueeze(1), dim=1)
-    del masked
-    first_rank = torch.where(num_pos > 0, negs_ahead + 1, torch.full_like(negs_ahead, NO_RANK))
-    return {
+    pos_index, pos_valid, num_pos = label_index.positives(query_labels)
+    pos_scores = scores.gather(1, pos_index)
+    max_pos = pos_scores.masked_fill(~pos_valid, _NEG_INF).amax(dim=1)
+    min_pos = pos_scores.masked_fill(~pos_valid, _POS_INF).amin(dim=1)
+    out = {
         "num_pos": num_pos,
         "num_neg": num_gallery - num_pos,
         "max_pos": max_pos,
         "min_pos": min_pos,
-        "max_neg": max_neg,
-        "first_rank": first_rank,
     }
+    if need_max_neg or need_first_rank:
+        negatives = workspace.floats(scores)
+        negatives.copy_(scores)
+        # Padding slots point at a row's first positive (or item 0 when it has none): writing
+        # -inf in rows with positives and the unchanged score otherwise keeps every write consistent.
+        fill = torch.where(num_pos.unsqueeze(1) > 0, torch.full_like(pos_scores, _NEG_INF), pos_scores)
+        negatives.scatter_(1, pos_index, fill)
+        max_neg = negatives.amax(dim=1)
+        max_neg = torch.where(out["num_neg"] > 0, max_neg, _NEG_INF)
+        out["max_neg"] = max_neg
+        if need_first_rank:
+            first_rank = torch.ones_like(num_pos)
+            behind = torch.nonzero((num_pos > 0) & (max_neg >= max_pos)).squeeze(1)
+            if behind.numel():
+                first_rank[behind] = 1 + workspace.count_ge(
+                    negatives.index_select(0, behind), max_pos.index_select(0, behind)
+                )
+            out["first_rank"] = torch.where(num_pos > 0, first_rank, torch.full_like(first_rank, NO_RANK))
+    return out
 
 
 def ranked_rows(
-    scores: torch.Tensor, pos: torch.Tensor, depth: torch.Tensor, memory_budget: int
+    scores: torch.Tensor,
+    label_index: LabelIndex,
+    query_labels: torch.Tensor,
+    depth: torch.Tensor,
+    memory_budget: int,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield ``(rows, values, is_pos)`` with each row's scores sorted descending to its depth.
 
     ``rows`` indexes the chunk; ``values`` / ``is_pos`` are ``(r, K)`` with ``K >= depth[row]``.
-    Rows of depth 0 (no positives) are skipped. Rows are bucketed by the next power of two of
-    their depth so that ``topk`` never sorts far beyond what a row needs; the order of tied items
-    inside ``values`` is unspecified (callers only use tie-invariant quantities).
+    Rows of depth 0 (no positives) are skipped. Most rows are served by one ``topk`` over the
+    whole chunk (``K`` = next power of two of the 75th depth percentile); deeper rows are bucketed
+    by the next power of two of their depth, so ``topk`` never sorts far beyond what a row needs.
+    The order of tied items inside ``values`` is unspecified (callers only use tie-invariant
+    quantities).
     """
     num_gallery = scores.shape[1]
     active = torch.nonzero(depth > 0).squeeze(1)
     if active.numel() == 0:
         return
     exponents = torch.ceil(torch.log2(depth[active].double())).long()
-    sizes = torch.clamp(2**exponents, min=min(64, num_gallery), max=num_gallery)
+    sizes = torch.clamp(2**exponents, min=min(16, num_gallery), max=num_gallery)
+    base = int(torch.quantile(sizes.double(), 0.75, interpolation="higher"))
+    if 4 * base < num_gallery and active.numel() * 2 >= scores.shape[0]:
+        shallow = sizes <= base
+        values, indices = torch.topk(scores, base, dim=1, largest=True, sorted=True)
+        rows = active[shallow]
+        values, indices = values.index_select(0, rows), indices.index_select(0, rows)
+        is_pos = label_index.gallery_labels[indices] == query_labels.index_select(0, rows).unsqueeze(1)
+        yield rows, values, is_pos
+        active, sizes = active[~shallow], sizes[~shallow]
     for size in torch.unique(sizes).tolist():
         bucket = active[sizes == size]
         rows_per_step = max(1, memory_budget // (_BYTES_PER_RANKED_ELEMENT * size))
@@ -90,28 +183,80 @@ def ranked_rows(
                 values, indices = values[:, :size], indices[:, :size]
             else:
                 values, indices = torch.topk(row_scores, size, dim=1, largest=True, sorted=True)
-            is_pos = pos.index_select(0, rows).gather(1, indices)
+            is_pos = label_index.gallery_labels[indices] == query_labels.index_select(0, rows).unsqueeze(1)
             yield rows, values, is_pos
 
 
-def ranked_stats(
-    values: torch.Tensor, is_pos: torch.Tensor, num_pos: torch.Tensor, ks: Sequence[int]
-) -> dict[str, torch.Tensor]:
-    """AP, MAP@R, R-precision and recall@k counts from rows sorted to their depth."""
-    cnt_ge = torch.searchsorted(values.neg().contiguous(), values.neg().contiguous(), right=True)
+def positives_from_ranked(
+    values: torch.Tensor, is_pos: torch.Tensor, num_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-positive counts from rows sorted to their depth.
+
+    Returns ``(valid, pos_ge, cnt_ge)``, each ``(r, P)`` with the row's positives in order of
+    decreasing score: ``cnt_ge`` = items scoring ``>=`` the positive, ``pos_ge`` = positives
+    among them. Tied positives get equal counts, so the layout does not depend on tie order.
+    """
+    cnt_all = torch.searchsorted(values.neg().contiguous(), values.neg().contiguous(), right=True)
     cum_pos = torch.cumsum(is_pos, dim=1)
-    pos_ge = cum_pos.gather(1, cnt_ge - 1)
+    pos_all = cum_pos.gather(1, cnt_all - 1)
+    width = max(1, int(num_pos.max()))
+    slot = torch.where(is_pos, cum_pos - 1, width)  # non-positives go to a spill column
+    shape = (values.shape[0], width + 1)
+    cnt_ge = torch.zeros(shape, dtype=torch.long, device=values.device).scatter_(1, slot, cnt_all)
+    pos_ge = torch.zeros(shape, dtype=torch.long, device=values.device).scatter_(1, slot, pos_all)
+    slots = torch.arange(width, device=values.device)
+    valid = slots.unsqueeze(0) < num_pos.unsqueeze(1)
+    return valid, pos_ge[:, :width], cnt_ge[:, :width]
+
+
+def positives_by_counting(
+    row_scores: torch.Tensor,
+    pos_scores: torch.Tensor,
+    pos_valid: torch.Tensor,
+    workspace: Workspace,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same result as :func:`positives_from_ranked`, by one counting pass per positive slot.
+
+    Cheaper than sorting a row when its positives rank deep but are few.
+    """
+    ordered, _ = torch.sort(pos_scores.masked_fill(~pos_valid, _NEG_INF), dim=1, descending=True)
+    valid = torch.sort(pos_valid.to(torch.int8), dim=1, descending=True).values.bool()
+    cnt_ge = torch.stack(
+        [workspace.count_ge(row_scores, ordered[:, slot]) for slot in range(ordered.shape[1])], dim=1
+    )
+    pos_ge = torch.count_nonzero(
+        valid.unsqueeze(1) & (ordered.unsqueeze(1) >= ordered.unsqueeze(2)), dim=2
+    )
+    return valid, pos_ge, cnt_ge
+
+
+def _row_sum(values: torch.Tensor, num_pos: torch.Tensor) -> torch.Tensor:
+    """Sum of the first ``num_pos`` entries of each row, added strictly left to right.
+
+    A sequential scan makes the result independent of how wide the padded layout is (a vectorized
+    ``sum`` associates differently for different widths), so every code path gives the same bits.
+    """
+    return torch.cumsum(values, dim=1).gather(1, (num_pos - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+
+
+def ranked_stats(
+    valid: torch.Tensor,
+    pos_ge: torch.Tensor,
+    cnt_ge: torch.Tensor,
+    num_pos: torch.Tensor,
+    ks: Sequence[int],
+) -> dict[str, torch.Tensor]:
+    """AP, MAP@R, R-precision and recall@k counts from per-positive counts ``(r, P)``."""
     neg_ge = cnt_ge - pos_ge
     num_pos_f = num_pos.double()
-    precision_at_threshold = pos_ge.double() / cnt_ge.double()
-    ap = torch.where(is_pos, precision_at_threshold, 0.0).sum(dim=1) / num_pos_f
-    rank = cum_pos + neg_ge  # pessimistic rank, meaningful at positive positions
-    in_top_r = is_pos & (rank <= num_pos.unsqueeze(1))
+    order = torch.arange(1, valid.shape[1] + 1, device=valid.device).unsqueeze(0)  # m
+    precision_at_threshold = pos_ge.double() / cnt_ge.clamp(min=1).double()
+    ap = _row_sum(torch.where(valid, precision_at_threshold, 0.0), num_pos) / num_pos_f
+    rank = order + neg_ge  # pessimistic rank of the m-th best positive
+    in_top_r = valid & (rank <= num_pos.unsqueeze(1))
     r_precision = torch.count_nonzero(in_top_r, dim=1).double() / num_pos_f
-    map_at_r = (
-        torch.where(in_top_r, cum_pos.double() / rank.double(), 0.0).sum(dim=1) / num_pos_f
-    )
-    hits = [torch.count_nonzero(is_pos & (rank <= k), dim=1) for k in ks]
+    map_at_r = _row_sum(torch.where(in_top_r, order.double() / rank.double(), 0.0), num_pos) / num_pos_f
+    hits = [torch.count_nonzero(valid & (rank <= k), dim=1) for k in ks]
     recall_hits = torch.stack(hits, dim=1) if hits else num_pos.new_zeros((len(num_pos), 0))
     return {"ap": ap, "r_precision": r_precision, "map_at_r": map_at_r, "recall_hits": recall_hits}
 
@@ -162,26 +307,31 @@ def curves_from_ranked(
 
 def chunk_stats(
     scores: torch.Tensor,
-    gallery_labels: torch.Tensor,
+    label_index: LabelIndex,
     query_labels: torch.Tensor,
     ks: Sequence[int] = (),
     memory_budget: int = 256 * 1024**2,
     ranks: bool = True,
     curves: bool = False,
+    need_max_neg: bool = True,
+    need_first_rank: bool = True,
+    workspace: Workspace | None = None,
 ) -> dict[str, object]:
     """All per-query statistics for one chunk of query rows ``scores (c, G)``.
 
-    With ``ranks=False`` only :func:`extreme_stats` is computed (cheap: no sorting at all).
+    With ``ranks=False`` only :func:`extreme_stats` is computed (no sorting at all).
     With ``curves=True`` the PR curves of :func:`curves_from_ranked` are added (lists in row order).
     """
-    pos = positives_mask(gallery_labels, query_labels)
-    out: dict[str, object] = dict(extreme_stats(scores, pos))
+    workspace = workspace if workspace is not None else Workspace()
+    out: dict[str, object] = dict(
+        extreme_stats(scores, label_index, query_labels, need_max_neg, need_first_rank, workspace)
+    )
     if not ranks:
         return out
     num_rows = scores.shape[0]
     num_pos = out["num_pos"]
     min_pos = out["min_pos"]
-    depth = torch.count_nonzero(scores >= min_pos.unsqueeze(1), dim=1)
+    depth = workspace.count_ge(scores, min_pos)  # type: ignore[arg-type]
     nan = torch.full((num_rows,), float("nan"), dtype=torch.float64, device=scores.device)
     ap, r_precision, map_at_r = nan.clone(), nan.clone(), nan.clone()
     recall_hits = torch.zeros((num_rows, len(ks)), dtype=torch.long, device=scores.device)
@@ -192,23 +342,52 @@ def chunk_stats(
         thresholds: list[torch.Tensor] = [empty_thr] * num_rows
         max_f1, p_at, r_at = nan.clone(), nan.clone(), nan.clone()
         t_at = torch.full((num_rows,), float("nan"), dtype=scores.dtype, device=scores.device)
-    for rows, values, is_pos in ranked_rows(scores, pos, depth, memory_budget):
-        row_num_pos = num_pos.index_select(0, rows)
-        stats = ranked_stats(values, is_pos, row_num_pos, ks)
+    def store(rows: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         ap[rows] = stats["ap"]
         r_precision[rows] = stats["r_precision"]
         map_at_r[rows] = stats["map_at_r"]
         recall_hits[rows] = stats["recall_hits"]
+
+    if not curves:
+        # Rows whose positives rank so deep that a full sort would be needed, but that have few
+        # positives: count instead of sorting (one pass per positive).
+        num_gallery = scores.shape[1]
+        deep = (depth > 0) & (num_pos <= _MAX_COUNTED_POSITIVES)  # type: ignore[operator]
+        deep &= (depth > _MAX_TOPK_DEPTH) | (4 * depth > num_gallery)
+        deep_rows = torch.nonzero(deep).squeeze(1)
+        if deep_rows.numel():
+            depth = depth.masked_fill(deep, 0)
+            pos_index, pos_valid, _ = label_index.positives(query_labels)
+            if 2 * deep_rows.numel() >= num_rows:
+                # Mostly deep: count on the chunk itself (no row copy), keep the deep rows.
+                valid, pos_ge, cnt_ge = positives_by_counting(
+                    scores, scores.gather(1, pos_index), pos_valid, workspace
+                )
+                stats = ranked_stats(valid, pos_ge, cnt_ge, num_pos, ks)  # type: ignore[arg-type]
+                store(deep_rows, {key: value[deep_rows] for key, value in stats.items()})
+            else:
+                for rows in deep_rows.split(max(1, memory_budget // (_BYTES_PER_ELEMENT_COUNTED * num_gallery))):
+                    row_scores = scores.index_select(0, rows)
+                    row_pos_scores = row_scores.gather(1, pos_index.index_select(0, rows))
+                    valid, pos_ge, cnt_ge = positives_by_counting(
+                        row_scores, row_pos_scores, pos_valid.index_select(0, rows), workspace
+                    )
+                    row_num_pos = num_pos.index_select(0, rows)  # type: ignore[union-attr]
+                    store(rows, ranked_stats(valid, pos_ge, cnt_ge, row_num_pos, ks))
+    for rows, values, is_pos in ranked_rows(scores, label_index, query_labels, depth, memory_budget):
+        row_num_pos = num_pos.index_select(0, rows)  # type: ignore[union-attr]
+        valid, pos_ge, cnt_ge = positives_from_ranked(values, is_pos, row_num_pos)
+        store(rows, ranked_stats(valid, pos_ge, cnt_ge, row_num_pos, ks))
         if curves:
             curve = curves_from_ranked(values, is_pos, depth.index_select(0, rows), row_num_pos)
             for position, row in enumerate(rows.tolist()):
-                precisions[row] = curve["precisions"][position]
-                recalls[row] = curve["recalls"][position]
-                thresholds[row] = curve["thresholds"][position]
-            max_f1[rows] = curve["max_f1"]
-            p_at[rows] = curve["p_at_max_f1"]
-            r_at[rows] = curve["r_at_max_f1"]
-            t_at[rows] = curve["t_at_max_f1"]
+                precisions[row] = curve["precisions"][position]  # type: ignore[index]
+                recalls[row] = curve["recalls"][position]  # type: ignore[index]
+                thresholds[row] = curve["thresholds"][position]  # type: ignore[index]
+            max_f1[rows] = curve["max_f1"]  # type: ignore[assignment]
+            p_at[rows] = curve["p_at_max_f1"]  # type: ignore[assignment]
+            r_at[rows] = curve["r_at_max_f1"]  # type: ignore[assignment]
+            t_at[rows] = curve["t_at_max_f1"]  # type: ignore[assignment]
     out.update(ap=ap, r_precision=r_precision, map_at_r=map_at_r, recall_hits=recall_hits)
     if curves:
         out.update(
@@ -237,15 +416,17 @@ def matrix_stats(
     memory_budget: int = 256 * 1024**2,
     ranks: bool = True,
     curves: bool = False,
+    need_max_neg: bool = True,
+    need_first_rank: bool = True,
 ) -> dict[str, object]:
     """:func:`chunk_stats` over row chunks of a full ``(Q, G)`` score matrix."""
-    from ._checks import rows_per_chunk
-
     chunk = rows_per_chunk(scores.shape[1], memory_budget)
+    label_index = LabelIndex(gallery_labels)
+    workspace = Workspace()
     parts = [
         chunk_stats(
-            scores[start : start + chunk], gallery_labels, query_labels[start : start + chunk],
-            ks, memory_budget, ranks, curves,
+            scores[start : start + chunk], label_index, query_labels[start : start + chunk],
+            ks, memory_budget, ranks, curves, need_max_neg, need_first_rank, workspace,
         )
         for start in range(0, scores.shape[0], chunk)
     ]

@@ -28,7 +28,8 @@ def _best_scores(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     scores, gallery_labels, query_labels = check_scores(scores, gallery_labels, query_labels)
     stats = matrix_stats(
-        scores, gallery_labels, query_labels, memory_budget=_budget(memory_budget), ranks=False
+        scores, gallery_labels, query_labels, memory_budget=_budget(memory_budget), ranks=False,
+        need_first_rank=False,
     )
     max_pos: torch.Tensor = stats["max_pos"]  # type: ignore[assignment]
     max_neg: torch.Tensor = stats["max_neg"]  # type: ignore[assignment]

@@ -61,7 +61,8 @@ def pr_metrics(
     """
     scores, gallery_labels, query_labels = check_scores(scores, gallery_labels, query_labels)
     stats = matrix_stats(
-        scores, gallery_labels, query_labels, (), _budget(memory_budget), ranks=True, curves=True
+        scores, gallery_labels, query_labels, (), _budget(memory_budget), ranks=True, curves=True,
+        need_max_neg=False, need_first_rank=False,
     )
     ap: torch.Tensor = stats["ap"]  # type: ignore[assignment]
     num_pos: torch.Tensor = stats["num_pos"]  # type: ignore[assignment]
@@ -101,7 +102,8 @@ def hard_pos_neg_scores(
     """
     scores, gallery_labels, query_labels = check_scores(scores, gallery_labels, query_labels)
     stats = matrix_stats(
-        scores, gallery_labels, query_labels, memory_budget=_budget(memory_budget), ranks=False
+        scores, gallery_labels, query_labels, memory_budget=_budget(memory_budget), ranks=False,
+        need_first_rank=False,
     )
     min_pos: torch.Tensor = stats["min_pos"]  # type: ignore[assignment]
     max_neg: torch.Tensor = stats["max_neg"]  # type: ignore[assignment]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_k, check_ks, check_scores, rows_per_chunk
+from ._checks import check_k, check_scores, rows_per_chunk
 from ._engine import matrix_stats
 
 __all__ = [
@@ -164,7 +164,8 @@ def _first_ranks(
     """Pessimistic rank of each query's best positive (``G + 1`` without positives) and num_pos."""
     scores, gallery_labels, query_labels = check_scores(scores, gallery_labels, query_labels)
     stats = matrix_stats(
-        scores, gallery_labels, query_labels, memory_budget=_budget(memory_budget), ranks=False
+        scores, gallery_labels, query_labels, memory_budget=_budget(memory_budget), ranks=False,
+        need_max_neg=False,
     )
     return stats["first_rank"], stats["num_pos"]  # type: ignore[return-value]
 

@@ -53,7 +53,9 @@ def _check_embeddings(embeddings: Any, name: str) -> torch.Tensor:
 class _GalleryScorer:
     """Scores query chunks against a fixed gallery; gallery statistics are computed once.
 
-    ``cosine``: ``(q / |q|) @ g.T / |g|`` (norms clamped at 1e-12, so zero vectors score 0).
+    ``cosine``: ``(q / |q|) @ g.T / |g|`` (norms clamped at 1e-12, so zero vectors score 0). The
+    gallery norms are applied elementwise after the product, so a score does not depend on which
+    other queries share its chunk.
     ``sq_euclid``: ``-(|q|^2 + |g|^2 - 2 q.g)`` clamped at 0; ``euclid``: ``-sqrt`` of that.
     No ``(Q, G, D)`` tensor is ever built.
     """
@@ -66,10 +68,11 @@ class _GalleryScorer:
         self.sq_norms: torch.Tensor | None = None
         if metric == "cosine":
             self.inv_norms = 1.0 / self.gallery.norm(dim=1).clamp_min(1e-12)
-        elif metric in ("euclid", "sq_euclid"):
+        if metric in ("euclid", "sq_euclid"):
             self.sq_norms = (self.gallery * self.gallery).sum(dim=1)
 
-    def __call__(self, query_embs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, query_embs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``(c, G)`` scores of a query chunk, written into ``out`` when given."""
         query_embs = query_embs.to(device=self.gallery.device, dtype=self.gallery.dtype)
         if query_embs.shape[1] != self.gallery.shape[1]:
             raise ValueError(
@@ -77,12 +80,13 @@ class _GalleryScorer:
                 f"{self.gallery.shape[1]}; they must match"
             )
         if self.metric == "inner":
-            return query_embs @ self.gallery_t
+            return torch.matmul(query_embs, self.gallery_t, out=out)
         if self.metric == "cosine":
             query_unit = query_embs / query_embs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return (query_unit @ self.gallery_t).mul_(self.inv_norms)
+            return torch.matmul(query_unit, self.gallery_t, out=out).mul_(self.inv_norms)
         query_sq = (query_embs * query_embs).sum(dim=1, keepdim=True)
-        sq_dist = (query_embs @ self.gallery_t).mul_(-2.0).add_(query_sq).add_(self.sq_norms)
+        products = torch.matmul(query_embs, self.gallery_t, out=out)
+        sq_dist = products.mul_(-2.0).add_(query_sq).add_(self.sq_norms)
         sq_dist.clamp_(min=0.0)
         if self.metric == "euclid":
             sq_dist.sqrt_()
@@ -122,7 +126,12 @@ def pairwise_scores(
     chunk = rows_per_chunk(gallery_embs.shape[0], memory_budget)
     if query_embs.shape[0] <= chunk:
         return scorer(query_embs)
-    return torch.cat([scorer(part) for part in query_embs.split(chunk)])
+    scores = torch.empty(
+        (query_embs.shape[0], gallery_embs.shape[0]), dtype=gallery_embs.dtype, device=gallery_embs.device
+    )
+    for start in range(0, query_embs.shape[0], chunk):
+        scorer(query_embs[start : start + chunk], out=scores[start : start + chunk])
+    return scores
 
 
 def batched_pairwise_scores(

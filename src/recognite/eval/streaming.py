@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._checks import DEFAULT_MEMORY_BUDGET, as_labels, check_k, check_ks, check_scores, rows_per_chunk
-from ._engine import chunk_stats, merge_chunks
+from ._engine import LabelIndex, Workspace, chunk_stats, merge_chunks
 from .ranking import cmc_from_first_ranks
 from .scores import (
     EmbeddingsFn,
@@ -105,10 +105,12 @@ def evaluate_scores(
         check_k(cmc_max_rank, "cmc_max_rank")
     budget = memory_budget if memory_budget is not None else DEFAULT_MEMORY_BUDGET
     chunk = rows_per_chunk(scores.shape[1], budget)
+    label_index = LabelIndex(gallery_labels)
+    workspace = Workspace()
     parts = [
         chunk_stats(
-            scores[start : start + chunk], gallery_labels, query_labels[start : start + chunk],
-            ks, budget,
+            scores[start : start + chunk], label_index, query_labels[start : start + chunk],
+            ks, budget, workspace=workspace,
         )
         for start in range(0, scores.shape[0], chunk)
     ]
@@ -197,17 +199,24 @@ def evaluate_embeddings(
             query_embs, query_labels, gallery_embs, gallery_labels, metric, ks, chunk_size
         )
     scorer = _GalleryScorer(gallery_embs, metric)
+    label_index = LabelIndex(gallery_labels)
+    workspace = Workspace()
     starts = range(0, query_embs.shape[0], chunk_size)
     if progress:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="evaluate", unit="chunk")
     parts = []
+    buffer = torch.empty(
+        (min(chunk_size, query_embs.shape[0]), num_gallery), dtype=gallery_embs.dtype, device=device
+    )  # reused by every chunk
     for start in starts:
-        scores = scorer(query_embs[start : start + chunk_size].to(device))
+        chunk_queries = query_embs[start : start + chunk_size].to(device)
+        scores = scorer(chunk_queries, out=buffer[: chunk_queries.shape[0]])
         parts.append(
             chunk_stats(
-                scores, gallery_labels, query_labels[start : start + chunk_size], ks, budget
+                scores, label_index, query_labels[start : start + chunk_size], ks, budget,
+                workspace=workspace,
             )
         )
         del scores

@@ -430,9 +430,32 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
         stop.__exit__(None, None, None)
         for extra in extra_loggers:
             extra.close()
+    if info.is_main and best_path.is_file():
+        _finish_run(config, run_dir, best_path)
     best_row = max((r for r in history if r["epoch"] > 0), key=lambda r: r[config.checkpoint_metric], default=history[-1])
     best_row = {**best_row, "threshold": threshold}
     return TrainResult(run_dir=run_dir, history=history, best=best_row, threshold=threshold, interrupted=interrupted)
+
+
+def _finish_run(config: TrainConfig, run_dir: Path, best_path: Path) -> None:
+    """Write the deployable bundle of the best checkpoint, and the report when asked for."""
+    from recognite.bundle import bundle_from_checkpoint
+
+    bundle_dir = bundle_from_checkpoint(best_path, run_dir / "bundle")
+    logger.info("Model bundle of the best epoch: %s", bundle_dir)
+    if not config.report:
+        return
+    try:
+        from recognite.report import build_report
+    except ImportError as exc:  # the report package needs matplotlib (recognite[plot])
+        logger.warning("No report: %s", exc)
+        return
+    try:
+        html = build_report(run_dir, checkpoint=best_path.name, progress=config.progress)
+    except ImportError as exc:
+        logger.warning("No report: %s", exc)
+        return
+    logger.info("Report: %s", html)
 
 
 _TABLE_COLUMNS = (("epoch", "epoch", "{:>5}"), ("train_loss", "loss", "{:>7.4f}"), ("top1", "top1", "{:>6.4f}"),
