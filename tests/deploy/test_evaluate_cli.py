@@ -1,0 +1,63 @@
+"""`recognite evaluate`: metrics of a bundle on a CSV, checked against an independent computation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score
+
+from recognite.bundle import load_bundle, save_bundle
+from recognite.cli import main
+from recognite.data import load_csv, split_gallery_query
+
+from .conftest import IMAGE_SIZE, make_model, save, solid, stripes
+
+
+@pytest.fixture(scope="module")
+def labelled_csv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("labelled")
+    rng = np.random.default_rng(3)
+    rows = ["image,label"]
+    bases = {"red": solid(36, 40, (220, 30, 20)), "blue": solid(36, 40, (20, 40, 210)),
+             "stripes": stripes(36, 40, 3), "wide": stripes(36, 40, 7)}
+    for label, base in bases.items():
+        for i in range(3):
+            noisy = np.clip(base.astype(int) + rng.integers(-60, 60, base.shape), 0, 255).astype(np.uint8)
+            save(noisy, root / label / f"{i}.png")
+            rows.append(f"{label}/{i}.png,{label}")
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    return root / "data.csv"
+
+
+def test_evaluate_matches_an_independent_computation(tmp_path, labelled_csv):
+    bundle_dir = save_bundle(make_model(), tmp_path / "bundle", image_size=IMAGE_SIZE, threshold=0.5)
+    out = tmp_path / "metrics.json"
+    code = main(["evaluate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--num-refs", "1",
+                 "--output", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+
+    bundle = load_bundle(bundle_dir, device="cpu")
+    df_gallery, df_query = split_gallery_query(load_csv(labelled_csv), num_refs=1, seed=0)
+    gallery = bundle.embed(list(df_gallery["image"])).double().numpy()
+    query = bundle.embed(list(df_query["image"])).double().numpy()
+    scores = query @ gallery.T / np.linalg.norm(query, axis=1)[:, None] / np.linalg.norm(gallery, axis=1)[None, :]
+    same = df_query["label"].to_numpy()[:, None] == df_gallery["label"].to_numpy()[None, :]
+    top1 = np.mean([same[i, np.argmax(scores[i])] for i in range(len(query))])
+    ap = np.mean([average_precision_score(same[i], scores[i]) for i in range(len(query))])
+    assert metrics["num_queries"] == 8 and metrics["num_gallery"] == 4
+    assert metrics["top1"] == pytest.approx(top1)
+    assert metrics["mAP"] == pytest.approx(ap)
+    best_neg = np.where(same, -np.inf, scores).max(axis=1)
+    assert metrics["FAR"] == pytest.approx(np.mean(best_neg >= 0.5))
+
+
+def test_evaluate_bad_input_is_one_line(tmp_path, labelled_csv, capsys):
+    bundle_dir = save_bundle(make_model(), tmp_path / "bundle", image_size=IMAGE_SIZE)
+    code = main(["evaluate", "--bundle", str(bundle_dir), "--data-csv", str(tmp_path / "missing.csv")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "missing.csv" in err[0]
+    code = main(["evaluate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--num-refs", "0"])
+    assert code == 2 and "--num-refs" in capsys.readouterr().err
