@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recognite._atomic import atomic_path
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -101,22 +102,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-@contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it over ``path`` on success."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private (0600)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _example_input(model: nn.Module, image_size: int, batch_size: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
@@ -177,7 +162,7 @@ def export_onnx(
     kwargs: dict[str, Any] = {}
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
-    with _eval_mode(model), torch.no_grad(), _atomic_target(path) as tmp, warnings.catch_warnings():
+    with _eval_mode(model), torch.no_grad(), atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
@@ -224,7 +209,7 @@ def export_torchscript(
     props = _metadata_strings(metadata, image_size)
     extra = {_METADATA_FILE: json.dumps({k: json.loads(v) for k, v in props.items()})}
     graph = EmbeddingGraph(model)
-    with _eval_mode(model), torch.no_grad(), _atomic_target(path) as tmp, warnings.catch_warnings():
+    with _eval_mode(model), torch.no_grad(), atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 
 import pandas as pd
+
+from recognite._atomic import atomic_path
 
 __all__ = ["IMAGE_EXTENSIONS", "folder_to_csv"]
 
@@ -36,19 +37,8 @@ def _normalize_extensions(extensions: Iterable[str]) -> frozenset[str]:
 
 
 def _write_csv_atomically(df: pd.DataFrame, csv_file: str) -> None:
-    folder = os.path.dirname(csv_file) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(
-        dir=folder, prefix="." + os.path.basename(csv_file) + ".", suffix=".tmp"
-    )
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            df.to_csv(f, index=False)
-        os.replace(tmp_path, csv_file)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    with atomic_path(csv_file) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        df.to_csv(f, index=False)
 
 
 def folder_to_csv(

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from recognite._atomic import atomic_path
 
 FORMAT_NAME = "recognite.gallery"
 FORMAT_VERSION = 1
@@ -67,18 +68,10 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
 
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     metadata = dict(metadata, sha256={name: _digest(t) for name, t in tensors.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp_name, metadata={METADATA_KEY: json.dumps(metadata)})
-        with open(tmp_name, "rb") as fh:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(metadata)})
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.remove(tmp_name)
-        raise
 
 
 def read_file(path: Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

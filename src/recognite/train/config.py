@@ -6,13 +6,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from recognite._atomic import atomic_write_text
 from recognite.model.backbones import check_model_name
 
 LOSSES = ("norm_softmax", "cosface", "arcface", "subcenter_arcface")
@@ -176,20 +176,6 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"Config file {path} must hold a mapping of option names to values, got {type(data).__name__}.")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _flag(name: str) -> str:

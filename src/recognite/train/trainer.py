@@ -19,12 +19,21 @@ from tqdm.auto import tqdm
 
 from recognite.data import train_val_datasets
 from recognite.data.samplers import PKBatchSampler
-from recognite.data.transforms import eval_transform, three_crop_eval_transform, train_transform
+from recognite.data.transforms import (
+    eval_transform,
+    three_crop_eval_transform,
+    train_transform,
+)
 from recognite.losses import build_loss
 from recognite.model import Recognizer
 from recognite.train import _distributed as distributed
 from recognite.train._interrupt import GracefulInterrupt
-from recognite.train.checkpoint import load_checkpoint, rng_states, save_checkpoint, set_rng_states
+from recognite.train.checkpoint import (
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from recognite.train.config import TrainConfig, atomic_write_text
 from recognite.train.evaluation import ValidationResult, validate
 from recognite.train.loggers import CSVLogger, TensorBoardLogger, WandbLogger
