@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
-
-logger = logging.getLogger("recognite")
 
 
 def _run_report(args: argparse.Namespace) -> int:
     from recognite.report import build_report
 
-    path = build_report(args.run_dir, checkpoint=args.checkpoint, output_dir=args.output_dir, device=args.device,
-                        num_worst=args.num_worst, progress=args.progress, data_csv=args.data_csv)
-    logger.info("Report: %s", path)
+    build_report(args.run_dir, checkpoint=args.checkpoint, output_dir=args.output_dir, device=args.device,
+                 num_worst=args.num_worst, progress=args.progress, data_csv=args.data_csv)  # logs the path
     return 0
 
 
