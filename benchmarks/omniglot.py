@@ -12,7 +12,7 @@ and the full 659-way 1-shot gallery (one random reference per character): top-1,
 
 Uses only the public API (recognite.train, recognite.model, recognite.data, recognite.eval).
 
-    python benchmarks/omniglot.py --epochs 12 --image-size 32 --output-dir runs/omniglot
+    python benchmarks/omniglot.py --epochs 10 --image-size 32 --output-dir runs/omniglot
 """
 
 from __future__ import annotations
@@ -86,10 +86,10 @@ def main() -> None:
     parser.add_argument("--model-name", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--rrc-scale", type=float, nargs=2, default=(0.7, 1.0))
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.002)
+    parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--loss", default="norm_softmax")
     parser.add_argument("--temperature", type=float, default=0.05)
     parser.add_argument("--max-steps", type=int, default=0, help="Cap on steps per epoch (0 = all).")

@@ -34,7 +34,7 @@ def bare_loop(csv_file: Path, args: argparse.Namespace) -> float:
     ds_train, _, _ = train_val_datasets(str(csv_file), tfm_train=tfm)
     model.set_classifier(len(ds_train.unique_labels))
     loss_fn = NormSoftmaxLoss(temperature=0.05)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.05)
     loader = DataLoader(ds_train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         num_workers=args.num_workers)
     model.train()

@@ -66,7 +66,7 @@ def test_images_show_a_glyph_with_variation(tiny):
     pixels = _pixels(tiny)
     for image in pixels.values():
         # a glyph on a background: clearly more than noise
-        assert np.percentile(image, 95) - np.percentile(image, 5) > 50
+        assert np.percentile(image, 99) - np.percentile(image, 1) > 50
     # the three images of a class differ (random font / affine / intensities)
     first_class = [pixels[f"images/U+0030/{n}.png"] for n in range(3)]
     assert not np.array_equal(first_class[0], first_class[1])

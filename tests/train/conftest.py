@@ -37,7 +37,7 @@ def tiny_config(csv_file: Path, output_dir: Path, **overrides):
 
     values = dict(
         data_csv=str(csv_file), model_name="resnet18", image_size=32, num_folds=2, epochs=2, batch_size=8,
-        val_batch_size=16, num_workers=0, lr=0.05, warmup_epochs=0.5, output_dir=str(output_dir),
+        val_batch_size=16, num_workers=0, optimizer="sgd", lr=0.05, warmup_epochs=0.5, output_dir=str(output_dir),
         progress=False, report=False, max_steps_per_epoch=2,
     )
     values.update(overrides)

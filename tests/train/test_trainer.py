@@ -148,3 +148,8 @@ def test_frozen_layers_do_not_change(tiny_csv, tmp_path):
 def test_bad_config_is_refused(tiny_csv, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(tiny_csv, tmp_path / "run", **overrides)
+
+
+def test_three_crop_validation_with_averaged_references(tiny_csv, tmp_path):
+    result = train(tiny_config(tiny_csv, tmp_path / "run", epochs=1, max_steps_per_epoch=1, three_crop=True, avg_refs=True))
+    assert 0.0 <= result.best["top1"] <= 1.0 and 0.0 <= result.best["mAP"] <= 1.0

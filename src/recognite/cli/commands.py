@@ -85,7 +85,9 @@ DEMO_DEFAULTS: dict[str, Any] = {
     "image_size": 32,
     "epochs": 4,
     "batch_size": 64,
-    "lr": 0.1,
+    "optimizer": "adamw",
+    "lr": 0.002,
+    "weight_decay": 0.05,
     "rrc_scale": (0.6, 1.0),
     "warmup_epochs": 0.5,
     "num_workers": 0,
@@ -112,8 +114,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     best = result.best
     lines = [
         "",
-        f"Recognition of {config.num_folds and 'unseen'} validation labels (never seen in training), "
-        f"{config.model_name} at {config.image_size}px:",
+        f"Recognition of the {len(result.history) and 'validation'} labels, never seen in training "
+        f"({config.model_name} at {config.image_size}px, fold {config.val_fold} of {config.num_folds}):",
         f"  {'':22s} {'top-1':>8s} {'top-5':>8s} {'mAP':>8s}",
         f"  {'untrained backbone':22s} {untrained['top1']:8.4f} {untrained['top5']:8.4f} {untrained['mAP']:8.4f}",
         f"  {'trained (best epoch)':22s} {best['top1']:8.4f} {best['top5']:8.4f} {best['mAP']:8.4f}",

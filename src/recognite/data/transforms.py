@@ -57,15 +57,19 @@ def eval_transform(preprocessing: Preprocessing, image_size: int) -> Callable:
 
 
 def three_crop_eval_transform(preprocessing: Preprocessing, image_size: int) -> Callable:
-    """Resize the short side to ``image_size`` (no crop), to tensor, normalize.
+    """Resize the short side to ``image_size``, normalize, and cut three squares along the long side.
 
-    Use with :func:`recognite.utils.collate_three_crops`, which cuts three ``image_size`` squares
-    along the long side. Output ``(3, image_size, L)`` or ``(3, L, image_size)``, ``L >= image_size``.
+    Use with :func:`recognite.utils.collate_three_crops` and
+    :func:`recognite.utils.embeddings_three_crops`. Output ``(3, 3, image_size, image_size)``:
+    the crops at the start, centre and end of the long side.
     """
+    from recognite.utils import ThreeCrop
+
     return T.Compose(
         [
             T.Resize(image_size, interpolation=_interpolation(preprocessing), antialias=True),
             T.ToTensor(),
             T.Normalize(preprocessing.mean, preprocessing.std),
+            ThreeCrop(),
         ]
     )

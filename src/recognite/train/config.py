@@ -63,10 +63,10 @@ class TrainConfig:
     pk_k: int = _doc("Images per label in a batch with --sampler pk (P = batch_size / K).", default=4)
     num_workers: int = _doc("Data-loading worker processes.", default=2)
 
-    optimizer: str = _doc("Optimizer: sgd or adamw.", default="sgd")
-    lr: float = _doc("Peak learning rate.", default=0.05)
+    optimizer: str = _doc("Optimizer: adamw or sgd.", default="adamw")
+    lr: float = _doc("Peak learning rate (adamw from scratch: ~2e-3; fine-tuning pretrained weights: ~1e-4 adamw or ~1e-2 sgd).", default=0.001)
     momentum: float = _doc("SGD momentum (adamw: beta1).", default=0.9)
-    weight_decay: float = _doc("Weight decay.", default=5e-4)
+    weight_decay: float = _doc("Weight decay (decoupled for adamw).", default=0.05)
     epochs: int = _doc("Training epochs.", default=10)
     warmup_epochs: float = _doc("Linear LR warm-up length in epochs (fractions allowed), then cosine decay to 0.", default=1.0)
     frozen_layers: list[str] = _doc("Backbone parameter-name prefixes to freeze, e.g. conv1 bn1 layer1 (BatchNorm statistics freeze too).", default_factory=list)
