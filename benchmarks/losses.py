@@ -12,6 +12,7 @@ background alphabets when `../shared/datasets/omniglot` exists.
 from __future__ import annotations
 
 import argparse
+import logging
 import csv
 import tempfile
 import time
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="*", default=["demo", "omniglot"])
     parser.add_argument("--only", nargs="*", default=None, help="Run only these contenders (names as in the table).")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     contenders = {k: v for k, v in CONTENDERS.items() if args.only is None or k in args.only}
     with tempfile.TemporaryDirectory() as tmp:
         datasets = {}

@@ -18,6 +18,7 @@ Uses only the public API (recognite.train, recognite.model, recognite.data, reco
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from pathlib import Path
 
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (args.root / "omniglot.csv").is_file():
         raise SystemExit(f"Omniglot not found: {args.root / 'omniglot.csv'} does not exist.")
 
