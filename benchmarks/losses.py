@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=0, help="Cap on steps per epoch (0 = all).")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=0.002, help="Peak AdamW learning rate (weight decay 0.05).")
     parser.add_argument("--model-name", default="resnet18")
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--datasets", nargs="*", default=["demo", "omniglot"])
@@ -88,7 +88,7 @@ def main() -> None:
             else:
                 datasets["omniglot (background, fold 0)"] = omniglot
         for data_name, csv_file in datasets.items():
-            print(f"\n## {data_name}: {args.model_name} {args.image_size}px, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}")
+            print(f"\n## {data_name}: {args.model_name} {args.image_size}px, {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr}")
             print("| loss | last top-1 | last mAP | best top-1 | best mAP | seconds |")
             print("|---|---|---|---|---|---|")
             for index, (name, overrides) in enumerate(contenders.items()):

@@ -80,3 +80,18 @@ def test_train_resume_and_evaluate_from_the_command_line(tmp_path, capsys):
                  "--no-progress", "--device", "cpu"]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["num_labels"] == 10 and 0 <= metrics["top1"] <= 1
+
+
+def test_demo_end_to_end_on_a_small_generated_dataset(tmp_path, capsys):
+    code = main(["demo", "--data-dir", str(tmp_path / "demo_data"), "--num-classes", "20", "--epochs", "1",
+                 "--max-steps-per-epoch", "2", "--batch-size", "16", "--output-dir", str(tmp_path / "run"),
+                 "--no-progress", "--no-report"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "untrained backbone" in out and "trained (best epoch)" in out
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    untrained, trained = rows[0], rows[-1]
+    line = next(line for line in out.splitlines() if "untrained backbone" in line)
+    assert line.split()[-3:] == [f"{float(untrained[k]):.4f}" for k in ("top1", "top5", "mAP")]
+    assert (tmp_path / "demo_data" / "demo.csv").is_file() and (tmp_path / "run" / "bundle" / "bundle.json").is_file()
+    assert float(trained["top1"]) >= 0.0
