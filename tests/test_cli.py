@@ -28,7 +28,7 @@ def test_help_lists_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    assert "--val-fold" in out and "--temperature" in out and "(default: norm_softmax)" in out
+    assert "--val-fold" in out and "--temperature" in out and "(default: cosface)" in out
 
 
 def test_models_lists_the_supported_backbones(capsys):

@@ -50,7 +50,7 @@ class TrainConfig:
     rrc_ratio: tuple[float, float] = _doc("Random-resized-crop aspect-ratio range.", default=(3 / 4, 4 / 3))
     hflip: float = _doc("Probability of a horizontal flip in training (0 for text, logos, characters).", default=0.0)
 
-    loss: str = _doc(f"Loss on cosine scores: one of {', '.join(LOSSES)}.", default="norm_softmax")
+    loss: str = _doc(f"Loss on cosine scores: one of {', '.join(LOSSES)} (see benchmarks/RESULTS.md, Losses).", default="cosface")
     temperature: float = _doc("Softmax temperature of norm_softmax (scores are divided by it).", default=0.05)
     learn_temperature: bool = _doc("Learn the temperature of norm_softmax, starting from --temperature.", default=False)
     margin: float = _doc("Margin of cosface (cosine) / arcface and subcenter_arcface (radians).", default=0.2)
