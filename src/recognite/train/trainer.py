@@ -460,11 +460,9 @@ def _finish_run(config: TrainConfig, run_dir: Path, best_path: Path) -> None:
         logger.warning("No report: %s", exc)
         return
     try:
-        html = build_report(run_dir, checkpoint=best_path.name, progress=config.progress)
+        build_report(run_dir, checkpoint=best_path.name, progress=config.progress)  # logs where it wrote
     except ImportError as exc:
         logger.warning("No report: %s", exc)
-        return
-    logger.info("Report: %s", html)
 
 
 _TABLE_COLUMNS = (("epoch", "epoch", "{:>5}"), ("train_loss", "loss", "{:>7.4f}"), ("top1", "top1", "{:>6.4f}"),
