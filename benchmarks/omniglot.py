@@ -80,6 +80,12 @@ def embed(checkpoint: Path, df: pd.DataFrame, args: argparse.Namespace) -> tuple
     return embeddings, labels, groups
 
 
+def _loss_text(args: argparse.Namespace) -> str:
+    if args.loss == "norm_softmax":
+        return f"norm_softmax T={args.temperature}"
+    return f"{args.loss} (TrainConfig's scale and margin)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="Folder holding omniglot.csv.")
@@ -135,7 +141,7 @@ def main() -> None:
     num_chars = int(labels.unique().numel())
 
     print(f"\nOmniglot evaluation alphabets: {num_chars} characters, {len(evaluation)} images; "
-          f"{args.model_name} {args.image_size}px, {args.loss} T={args.temperature}, {args.epochs} epochs; "
+          f"{args.model_name} {args.image_size}px, {_loss_text(args)}, {args.epochs} epochs; "
           f"training wall time {train_seconds / 60:.1f} min")
     print("| task | accuracy % (mean ± 95% CI) |")
     print("|---|---|")
