@@ -154,3 +154,11 @@ def test_bad_config_is_refused(tiny_csv, tmp_path, overrides, message):
 def test_three_crop_validation_with_averaged_references(tiny_csv, tmp_path):
     result = train(tiny_config(tiny_csv, tmp_path / "run", epochs=1, max_steps_per_epoch=1, three_crop=True, avg_refs=True))
     assert 0.0 <= result.best["top1"] <= 1.0 and 0.0 <= result.best["mAP"] <= 1.0
+
+
+def test_training_leaves_the_callers_global_rng_untouched(tiny_csv, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train(tiny_config(tiny_csv, tmp_path / "run", epochs=1, max_steps_per_epoch=1))
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -218,9 +218,13 @@ def _shard(dataset: Dataset, info: distributed.DistInfo) -> Dataset:
 def train_fold(config: TrainConfig) -> TrainResult:
     """Train on the folds of ``config`` other than ``config.val_fold`` and validate on that one."""
     info = distributed.setup("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+    # Training seeds and uses the global RNGs (initialization, augmentation in the main process,
+    # dropout) so that checkpoints can capture and restore them; the caller's states come back after.
+    caller_rng = rng_states()
     try:
         return _train_fold(config, info)
     finally:
+        set_rng_states(caller_rng)
         distributed.cleanup(info)
 
 
