@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from recognite.report import plots
-from recognite.report._io import atomic_write_text
+from recognite._atomic import atomic_write_text
 from recognite.report._data import (
     RECALL_GRID,
     ReportData,

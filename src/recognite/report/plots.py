@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from recognite.report._io import atomic_path
+from recognite._atomic import atomic_path
 
 DPI = 100
 POSITIVE_COLOR = "#2ca02c"
