@@ -26,9 +26,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from recognite.data import DataFrameDataset, eval_transform, split_gallery_query
+from recognite.bundle import load_bundle
+from recognite.data import DataFrameDataset, split_gallery_query
 from recognite.eval import embed_loader, episode_accuracy, evaluate_embeddings
-from recognite.model import Recognizer
 from recognite.train import TrainConfig, train
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "omniglot"
@@ -59,6 +59,8 @@ def train_background(background: pd.DataFrame, args: argparse.Namespace) -> tupl
     config = TrainConfig(
         data_csv=str(csv_file), num_folds=10, val_fold="0", num_refs=1, model_name=args.model_name,
         image_size=args.image_size, rrc_scale=tuple(args.rrc_scale), rrc_ratio=(0.8, 1.25), epochs=args.epochs,
+        content_crop=args.content_crop, affine_degrees=args.affine_degrees, affine_translate=args.affine_translate,
+        affine_scale=tuple(args.affine_scale), affine_shear=args.affine_shear,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=1.0,
         loss=args.loss, temperature=args.temperature, num_workers=args.num_workers,
         max_steps_per_epoch=args.max_steps, output_dir=str(out / "train"), progress=args.progress,
@@ -66,16 +68,17 @@ def train_background(background: pd.DataFrame, args: argparse.Namespace) -> tupl
     )
     start = time.perf_counter()
     train(config)
-    return out / "train" / "best.pt", time.perf_counter() - start
+    return out / "train" / "bundle", time.perf_counter() - start
 
 
-def embed(checkpoint: Path, df: pd.DataFrame, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    model = Recognizer(args.model_name, weights=str(checkpoint))
+def embed(bundle_dir: Path, df: pd.DataFrame, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings of ``df``'s images prepared as the bundle says (size, normalization, content crop)."""
+    bundle = load_bundle(bundle_dir, device=args.device)
     label_to_int = {label: i for i, label in enumerate(sorted(df["label"].unique()))}
     alphabet_to_int = {a: i for i, a in enumerate(sorted(df["alphabet"].unique()))}
-    dataset = DataFrameDataset(df, "label", "image", label_to_int, eval_transform(model.preprocessing, args.image_size))
+    dataset = DataFrameDataset(df, "label", "image", label_to_int, bundle.transform)
     loader = DataLoader(dataset, batch_size=256, num_workers=args.num_workers)
-    embeddings, labels = embed_loader(model, loader, device=args.device)
+    embeddings, labels = embed_loader(bundle.model, loader, device=args.device)
     groups = torch.tensor([alphabet_to_int[a] for a in df["alphabet"]])
     return embeddings, labels, groups
 
@@ -86,6 +89,14 @@ def _loss_text(args: argparse.Namespace) -> str:
     return f"{args.loss} (TrainConfig's scale and margin)"
 
 
+def _augmentation_text(args: argparse.Namespace) -> str:
+    parts = ["content crop" if args.content_crop else "no content crop", f"RRC scale {tuple(args.rrc_scale)}"]
+    if args.affine_degrees or args.affine_translate or args.affine_shear or tuple(args.affine_scale) != (1.0, 1.0):
+        parts.append(f"affine rot {args.affine_degrees} shift {args.affine_translate} scale {tuple(args.affine_scale)} "
+                     f"shear {args.affine_shear}")
+    return ", ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="Folder holding omniglot.csv.")
@@ -93,6 +104,12 @@ def main() -> None:
     parser.add_argument("--model-name", default="resnet18")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--rrc-scale", type=float, nargs=2, default=(0.7, 1.0))
+    parser.add_argument("--content-crop", action=argparse.BooleanOptionalAction, default=False,
+                        help="Cut each image to the square around its strokes (TrainConfig.content_crop).")
+    parser.add_argument("--affine-degrees", type=float, default=0.0)
+    parser.add_argument("--affine-translate", type=float, default=0.0)
+    parser.add_argument("--affine-scale", type=float, nargs=2, default=(1.0, 1.0))
+    parser.add_argument("--affine-shear", type=float, default=0.0)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.002)
@@ -103,7 +120,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--alphabets", type=int, default=0, help="Use only the first N alphabets of each side (smoke tests).")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="Evaluate this checkpoint instead of training.")
+    parser.add_argument("--bundle", type=Path, default=None, help="Evaluate this model bundle instead of training.")
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -113,11 +130,11 @@ def main() -> None:
         raise SystemExit(f"Omniglot not found: {args.root / 'omniglot.csv'} does not exist.")
 
     background, evaluation = load_omniglot(args.root, args.alphabets or None)
-    if args.checkpoint is None:
-        checkpoint, train_seconds = train_background(background, args)
+    if args.bundle is None:
+        bundle_dir, train_seconds = train_background(background, args)
     else:
-        checkpoint, train_seconds = args.checkpoint, float("nan")
-    embeddings, labels, groups = embed(checkpoint, evaluation, args)
+        bundle_dir, train_seconds = args.bundle, float("nan")
+    embeddings, labels, groups = embed(bundle_dir, evaluation, args)
 
     n_way_20 = min(20, int(labels.unique().numel()))
     rows = []
@@ -141,7 +158,7 @@ def main() -> None:
     num_chars = int(labels.unique().numel())
 
     print(f"\nOmniglot evaluation alphabets: {num_chars} characters, {len(evaluation)} images; "
-          f"{args.model_name} {args.image_size}px, {_loss_text(args)}, {args.epochs} epochs; "
+          f"{args.model_name} {args.image_size}px, {_loss_text(args)}, {args.epochs} epochs, {_augmentation_text(args)}; "
           f"training wall time {train_seconds / 60:.1f} min")
     print("| task | accuracy % (mean ± 95% CI) |")
     print("|---|---|")

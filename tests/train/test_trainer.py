@@ -5,6 +5,7 @@ import signal
 
 import pytest
 import torch
+import yaml
 
 from recognite.train import TrainConfig, TrainingDivergedError, train
 from recognite.train import trainer as trainer_module
@@ -144,6 +145,10 @@ def test_frozen_layers_do_not_change(tiny_csv, tmp_path):
         ({"loss": "triplet"}, "--loss must be one of"),
         ({"batch_size": 0}, "--batch-size must be an integer >= 1"),
         ({"rrc_scale": (0.9, 0.1)}, "--rrc-scale needs"),
+        ({"content_margin": -0.5}, "--content-margin is a fraction"),
+        ({"affine_degrees": 200.0}, "--affine-degrees <= 180"),
+        ({"affine_translate": 1.5}, "--affine-translate is a fraction"),
+        ({"affine_scale": (1.2, 0.8)}, "--affine-scale needs"),
     ],
 )
 def test_bad_config_is_refused(tiny_csv, tmp_path, overrides, message):
@@ -162,3 +167,21 @@ def test_training_leaves_the_callers_global_rng_untouched(tiny_csv, tmp_path):
     torch.manual_seed(123)
     train(tiny_config(tiny_csv, tmp_path / "run", epochs=1, max_steps_per_epoch=1))
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_content_crop_and_affine_reach_training_and_the_bundle(tiny_csv, tmp_path):
+    from recognite.bundle import load_bundle
+    from recognite.data.transforms import ContentCrop, RandomAffineOnBorder
+
+    config = tiny_config(tiny_csv, tmp_path / "run", epochs=1, max_steps_per_epoch=1, content_crop=True,
+                         content_margin=0.1, affine_degrees=10.0, affine_scale=(0.9, 1.1))
+    affine = config.affine()
+    assert isinstance(affine, RandomAffineOnBorder) and affine.degrees == 10.0 and affine.scale == (0.9, 1.1)
+    assert tiny_config(tiny_csv, tmp_path / "plain").affine() is None
+    train(config)
+    bundle = load_bundle(tmp_path / "run" / "bundle", device="cpu")
+    assert bundle.preprocessing.content_crop and bundle.preprocessing.content_margin == 0.1
+    crop = bundle.transform.transforms[0]
+    assert isinstance(crop, ContentCrop) and crop.margin == 0.1
+    saved = TrainConfig.from_dict(yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()))
+    assert saved.content_crop and saved.affine_scale == (0.9, 1.1)

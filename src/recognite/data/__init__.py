@@ -12,11 +12,13 @@ from .train_val import label_mapping, train_val_datasets
 
 from .demo import default_demo_root, make_demo_dataset
 from .samplers import PKBatchSampler
-from .transforms import eval_transform, three_crop_eval_transform, train_transform
+from .transforms import ContentCrop, RandomAffineOnBorder, eval_transform, three_crop_eval_transform, train_transform
 
 __all__ = [
+    "ContentCrop",
     "DataFrameDataset",
     "PKBatchSampler",
+    "RandomAffineOnBorder",
     "default_demo_root",
     "eval_transform",
     "make_demo_dataset",

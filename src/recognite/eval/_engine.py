@@ -11,8 +11,10 @@ score), which is exactly scikit-learn's ``average_precision_score`` and the area
 returned by :func:`recognite.eval.pr_metrics`.
 
 Only the items scoring at least as high as a query's lowest-scoring positive ("depth" items) are
-ever sorted, with ``torch.topk`` on buckets of queries of similar depth, so the cost is far below a
-full sort when positives rank well.
+ever sorted: they are picked by one comparison pass (scanned eight flags at a time) and sorted
+together, so the cost is far below a full sort when positives rank well. Passes over score rows
+run in blocks of a few MB through reused buffers, so no call allocates (and page-faults) a
+temporary as large as the score matrix.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from ._checks import check_finite, rows_per_chunk
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
-_BYTES_PER_RANKED_ELEMENT = 64
+_BYTES_PER_RANKED_ELEMENT = 64  # picked entries: positions, columns, values, sort orders, padded layout
 _MAX_COUNTED_POSITIVES = 32  # rows with more positives are sorted rather than counted
 _MAX_TOPK_DEPTH = 1024  # deeper rows with few positives are counted rather than sorted
 _BYTES_PER_ELEMENT_COUNTED = 8
+_BLOCK_BYTES = 8 * 1024**2  # rows of a pass are processed in blocks of about this size
 NO_RANK = torch.iinfo(torch.int64).max
 """First-positive rank of a query without positives (never <= any k)."""  # values, indices, masks and counters per top-k element
 
@@ -60,17 +63,27 @@ class LabelIndex:
 
 
 class Workspace:
-    """Reusable ``(rows, G)`` buffers, so chunks do not allocate (and page-fault) fresh memory."""
+    """Small reusable buffers for passes over score rows, in blocks of rows.
 
-    def __init__(self) -> None:
-        self._floats: torch.Tensor | None = None
-        self._flags: torch.Tensor | None = None
+    Chunks of a score matrix are hundreds of MB; a temporary of that size is freshly page-faulted
+    on every call, which costs more than the arithmetic. Passes therefore walk the rows in blocks
+    of at most ``block_bytes`` and reuse one buffer, which also stays in the CPU cache.
+    """
 
-    def floats(self, like: torch.Tensor) -> torch.Tensor:
-        rows, cols = like.shape
-        buf = self._floats
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._floats = torch.empty((rows, cols), dtype=like.dtype, device=like.device)
+    def __init__(self, block_bytes: int = _BLOCK_BYTES) -> None:
+        self.block_bytes = block_bytes
+        self._buffers: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def block_rows(self, num_cols: int) -> int:
+        """Rows per block for rows of ``num_cols`` elements (at least 1)."""
+        return max(1, self.block_bytes // (8 * max(1, num_cols)))
+
+    def buffer(self, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A ``(rows, cols)`` view of a reused buffer (``rows <= block_rows(cols)``)."""
+        key = (cols, dtype, device)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape[0] < rows:
+            buf = self._buffers[key] = torch.empty((max(rows, self.block_rows(cols)), cols), dtype=dtype, device=device)
         return buf[:rows]
 
     def count_ge(self, values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -82,14 +95,15 @@ class Workspace:
         """
         rows, cols = values.shape
         dtype = torch.float32 if cols < 2**24 else torch.float64
-        buf = self._flags
-        if (
-            buf is None or buf.shape[0] < rows or buf.shape[1] != cols or buf.dtype != dtype
-            or buf.device != values.device
-        ):
-            buf = self._flags = torch.empty((rows, cols), dtype=dtype, device=values.device)
-        flags = torch.ge(values, thresholds.unsqueeze(1).to(values.dtype), out=buf[:rows])
-        return flags.sum(dim=1).long()
+        thresholds = thresholds.to(values.dtype)
+        counts = torch.empty(rows, dtype=torch.long, device=values.device)
+        step = self.block_rows(cols)
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            flags = torch.ge(values[start:stop], thresholds[start:stop].unsqueeze(1),
+                             out=self.buffer(stop - start, cols, dtype, values.device))
+            counts[start:stop] = flags.sum(dim=1)
+        return counts
 
 
 def extreme_stats(
@@ -122,22 +136,29 @@ def extreme_stats(
         "min_pos": min_pos,
     }
     if need_max_neg or need_first_rank:
-        negatives = workspace.floats(scores)
-        negatives.copy_(scores)
         # Padding slots point at a row's first positive (or item 0 when it has none): writing
         # -inf in rows with positives and the unchanged score otherwise keeps every write consistent.
         fill = torch.where(num_pos.unsqueeze(1) > 0, torch.full_like(pos_scores, _NEG_INF), pos_scores)
-        negatives.scatter_(1, pos_index, fill)
-        max_neg = negatives.amax(dim=1)
+        max_neg = torch.empty_like(max_pos)
+        first_rank = torch.ones_like(num_pos)
+        step = workspace.block_rows(num_gallery)
+        for start in range(0, scores.shape[0], step):
+            stop = min(start + step, scores.shape[0])
+            negatives = workspace.buffer(stop - start, num_gallery, scores.dtype, scores.device)
+            negatives.copy_(scores[start:stop])
+            negatives.scatter_(1, pos_index[start:stop], fill[start:stop])
+            block_max_neg = negatives.amax(dim=1)
+            max_neg[start:stop] = block_max_neg
+            if need_first_rank:
+                block_max_pos = max_pos[start:stop]
+                behind = torch.nonzero((num_pos[start:stop] > 0) & (block_max_neg >= block_max_pos)).squeeze(1)
+                if behind.numel():
+                    first_rank[start + behind] = 1 + torch.count_nonzero(
+                        negatives.index_select(0, behind) >= block_max_pos.index_select(0, behind).unsqueeze(1), dim=1
+                    )
         max_neg = torch.where(out["num_neg"] > 0, max_neg, _NEG_INF)
         out["max_neg"] = max_neg
         if need_first_rank:
-            first_rank = torch.ones_like(num_pos)
-            behind = torch.nonzero((num_pos > 0) & (max_neg >= max_pos)).squeeze(1)
-            if behind.numel():
-                first_rank[behind] = 1 + workspace.count_ge(
-                    negatives.index_select(0, behind), max_pos.index_select(0, behind)
-                )
             out["first_rank"] = torch.where(num_pos > 0, first_rank, torch.full_like(first_rank, NO_RANK))
     return out
 
@@ -147,44 +168,98 @@ def ranked_rows(
     label_index: LabelIndex,
     query_labels: torch.Tensor,
     depth: torch.Tensor,
+    thresholds: torch.Tensor,
     memory_budget: int,
+    workspace: Workspace,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(rows, values, is_pos)`` with each row's scores sorted descending to its depth.
+    """Yield ``(rows, values, is_pos)``: each row's items scoring ``>= thresholds[row]``, sorted.
 
-    ``rows`` indexes the chunk; ``values`` / ``is_pos`` are ``(r, K)`` with ``K >= depth[row]``.
-    Rows of depth 0 (no positives) are skipped. Most rows are served by one ``topk`` over the
-    whole chunk (``K`` = next power of two of the 75th depth percentile); deeper rows are bucketed
-    by the next power of two of their depth, so ``topk`` never sorts far beyond what a row needs.
-    The order of tied items inside ``values`` is unspecified (callers only use tie-invariant
-    quantities).
+    ``depth[row]`` must be the number of such items (rows of depth 0 are skipped). ``rows``
+    indexes the chunk; ``values`` / ``is_pos`` are ``(r, K)`` with ``K >= depth[row]``: the row's
+    ``depth`` best scores in descending order, then ``-inf`` padding (never positive). Rows are
+    grouped by the next power of two of their depth, so padding stays below half of each group.
+    The items are picked by comparing with the threshold (no sort over the gallery); groups of
+    rows are sized so the picked items fit ``memory_budget``. The order of tied items inside
+    ``values`` is unspecified (callers only use tie-invariant quantities).
     """
-    num_gallery = scores.shape[1]
     active = torch.nonzero(depth > 0).squeeze(1)
     if active.numel() == 0:
         return
-    exponents = torch.ceil(torch.log2(depth[active].double())).long()
-    sizes = torch.clamp(2**exponents, min=min(16, num_gallery), max=num_gallery)
-    base = int(torch.quantile(sizes.double(), 0.75, interpolation="higher"))
-    if 4 * base < num_gallery and active.numel() * 2 >= scores.shape[0]:
-        shallow = sizes <= base
-        values, indices = torch.topk(scores, base, dim=1, largest=True, sorted=True)
-        rows = active[shallow]
-        values, indices = values.index_select(0, rows), indices.index_select(0, rows)
-        is_pos = label_index.gallery_labels[indices] == query_labels.index_select(0, rows).unsqueeze(1)
-        yield rows, values, is_pos
-        active, sizes = active[~shallow], sizes[~shallow]
+    entries_per_group = max(1, memory_budget // _BYTES_PER_RANKED_ELEMENT)
+    active_depth = depth.index_select(0, active)
+    group_of_row = torch.div(torch.cumsum(active_depth, 0) - active_depth, entries_per_group, rounding_mode="floor")
+    for group in torch.unique_consecutive(group_of_row).tolist():
+        rows = active[group_of_row == group]
+        yield from _ranked_group(scores, label_index, query_labels, rows, depth.index_select(0, rows),
+                                 thresholds.index_select(0, rows), workspace)
+
+
+def _nonzero_ge(block: torch.Tensor, thresholds: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+    """``(n, 2)`` (row, column) of the entries of ``block (r, G)`` that are ``>= thresholds (r,)``.
+
+    Same as ``torch.nonzero(block >= thresholds[:, None])``, in the same order, but the flags are
+    first scanned eight at a time (as 64-bit words), so only the words holding a picked entry are
+    looked at one by one: much faster when few entries are picked.
+    """
+    rows, cols = block.shape
+    width = -(-cols // 8) * 8
+    padded = workspace.buffer(rows, width, torch.bool, block.device)
+    if width > cols:
+        padded[:, cols:] = False
+    torch.ge(block, thresholds.unsqueeze(1), out=padded[:, :cols])
+    words = torch.nonzero(padded.view(torch.int64))
+    flags = padded.view(rows, width // 8, 8)[words[:, 0], words[:, 1]]
+    within = torch.nonzero(flags)
+    word = words.index_select(0, within[:, 0])
+    return torch.stack([word[:, 0], word[:, 1] * 8 + within[:, 1]], dim=1)
+
+
+def _ranked_group(
+    scores: torch.Tensor,
+    label_index: LabelIndex,
+    query_labels: torch.Tensor,
+    rows: torch.Tensor,
+    depth: torch.Tensor,
+    thresholds: torch.Tensor,
+    workspace: Workspace,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`ranked_rows` for one group of rows (sorted chunk row indices, all of depth > 0)."""
+    num_gallery = scores.shape[1]
+    # 1. Pick (row position, gallery column) of every item at or above its row's threshold.
+    step = workspace.block_rows(num_gallery)
+    positions, columns = [], []
+    for start in range(0, rows.numel(), step):
+        block_rows = rows[start : start + step]
+        first, last = int(block_rows[0]), int(block_rows[-1])
+        contiguous = last - first + 1 == block_rows.numel()
+        block = scores[first : last + 1] if contiguous else scores.index_select(0, block_rows)
+        picked = _nonzero_ge(block, thresholds[start : start + step], workspace)
+        positions.append(picked[:, 0] + start)
+        columns.append(picked[:, 1])
+    position, column = torch.cat(positions), torch.cat(columns)
+    value = scores[rows.index_select(0, position), column]
+    # 2. Sort by row, then by descending score: one stable sort on the score, one on the row.
+    order = torch.sort(value, descending=True, stable=True).indices
+    order = order.index_select(0, torch.sort(position.index_select(0, order), stable=True).indices)
+    position, column, value = position[order], column[order], value[order]
+    query_of_entry = query_labels.index_select(0, rows).index_select(0, position)
+    entry_is_pos = label_index.gallery_labels.index_select(0, column) == query_of_entry.to(label_index.gallery_labels.dtype)
+    offsets = torch.cumsum(depth, 0) - depth
+    rank_in_row = torch.arange(position.numel(), device=position.device) - offsets.index_select(0, position)
+    # 3. Lay rows out padded to the next power of two of their depth, one group per size.
+    sizes = torch.clamp(2 ** torch.ceil(torch.log2(depth.double())).long(), min=1, max=num_gallery)
     for size in torch.unique(sizes).tolist():
-        bucket = active[sizes == size]
-        rows_per_step = max(1, memory_budget // (_BYTES_PER_RANKED_ELEMENT * size))
-        for rows in bucket.split(rows_per_step):
-            row_scores = scores.index_select(0, rows)
-            if 4 * size >= num_gallery:
-                values, indices = torch.sort(row_scores, dim=1, descending=True)
-                values, indices = values[:, :size], indices[:, :size]
-            else:
-                values, indices = torch.topk(row_scores, size, dim=1, largest=True, sorted=True)
-            is_pos = label_index.gallery_labels[indices] == query_labels.index_select(0, rows).unsqueeze(1)
-            yield rows, values, is_pos
+        in_size = sizes == size
+        members = torch.nonzero(in_size).squeeze(1)
+        slot = torch.full((rows.numel(),), -1, dtype=torch.long, device=rows.device)
+        slot[members] = torch.arange(members.numel(), device=rows.device)
+        entry = torch.nonzero(in_size.index_select(0, position)).squeeze(1)
+        target = slot.index_select(0, position.index_select(0, entry)) * size + rank_in_row.index_select(0, entry)
+        values = torch.full((members.numel() * size,), _NEG_INF, dtype=scores.dtype, device=scores.device)
+        values[target] = value.index_select(0, entry)
+        is_pos = torch.zeros((members.numel() * size,), dtype=torch.bool, device=scores.device)
+        is_pos[target] = entry_is_pos.index_select(0, entry)
+        yield rows.index_select(0, members), values.view(-1, size), is_pos.view(-1, size)
 
 
 def positives_from_ranked(
@@ -374,7 +449,7 @@ def chunk_stats(
                     )
                     row_num_pos = num_pos.index_select(0, rows)  # type: ignore[union-attr]
                     store(rows, ranked_stats(valid, pos_ge, cnt_ge, row_num_pos, ks))
-    for rows, values, is_pos in ranked_rows(scores, label_index, query_labels, depth, memory_budget):
+    for rows, values, is_pos in ranked_rows(scores, label_index, query_labels, depth, min_pos, memory_budget, workspace):
         row_num_pos = num_pos.index_select(0, rows)  # type: ignore[union-attr]
         valid, pos_ge, cnt_ge = positives_from_ranked(values, is_pos, row_num_pos)
         store(rows, ranked_stats(valid, pos_ge, cnt_ge, row_num_pos, ks))

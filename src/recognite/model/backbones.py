@@ -55,6 +55,11 @@ class Preprocessing:
         crop_size: Side of the square input the weights were evaluated at.
         resize_size: Side the short edge is resized to before the centre crop.
         interpolation: Name of the resize interpolation mode (e.g. ``"bilinear"``).
+        content_crop: Crop each image to the square around its content (the pixels that differ
+            from the border colour) before resizing, instead of the centre crop. Set by training
+            with ``--content-crop``; stored in checkpoints and bundles so that recognition
+            prepares images the same way.
+        content_margin: Margin added around the content box, as a fraction of its longer side.
     """
 
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -62,6 +67,8 @@ class Preprocessing:
     crop_size: int = 224
     resize_size: int = 256
     interpolation: str = "bilinear"
+    content_crop: bool = False
+    content_margin: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +77,8 @@ class Preprocessing:
             "crop_size": self.crop_size,
             "resize_size": self.resize_size,
             "interpolation": self.interpolation,
+            "content_crop": self.content_crop,
+            "content_margin": self.content_margin,
         }
 
     @classmethod
@@ -80,6 +89,8 @@ class Preprocessing:
             crop_size=int(d["crop_size"]),
             resize_size=int(d["resize_size"]),
             interpolation=str(d["interpolation"]),
+            content_crop=bool(d.get("content_crop", False)),
+            content_margin=float(d.get("content_margin", 0.05)),
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from recognite._atomic import atomic_write_text
+from recognite.data.transforms import RandomAffineOnBorder
 from recognite.model.backbones import check_model_name
 
 LOSSES = ("norm_softmax", "cosface", "arcface", "subcenter_arcface")
@@ -49,6 +50,12 @@ class TrainConfig:
     rrc_scale: tuple[float, float] = _doc("Random-resized-crop area range (fraction of the image).", default=(0.25, 1.0))
     rrc_ratio: tuple[float, float] = _doc("Random-resized-crop aspect-ratio range.", default=(3 / 4, 4 / 3))
     hflip: float = _doc("Probability of a horizontal flip in training (0 for text, logos, characters).", default=0.0)
+    content_crop: bool = _doc("Cut every image (training, validation, and later recognition via the bundle) to the square around its content: the pixels that differ from the border colour. For characters, logos, products on plain backgrounds.", default=False)
+    content_margin: float = _doc("Margin around the content box for --content-crop, as a fraction of its longer side.", default=0.05)
+    affine_degrees: float = _doc("Training augmentation: random rotation in [-D, D] degrees (0 = off).", default=0.0)
+    affine_translate: float = _doc("Training augmentation: random shift up to this fraction of the side (0 = off).", default=0.0)
+    affine_scale: tuple[float, float] = _doc("Training augmentation: random scale factor range (1 1 = off).", default=(1.0, 1.0))
+    affine_shear: float = _doc("Training augmentation: random shear in [-D, D] degrees (0 = off).", default=0.0)
 
     loss: str = _doc(f"Loss on cosine scores: one of {', '.join(LOSSES)} (see benchmarks/RESULTS.md, Losses).", default="cosface")
     temperature: float = _doc("Softmax temperature of norm_softmax (scores are divided by it).", default=0.05)
@@ -112,6 +119,13 @@ class TrainConfig:
         self.rrc_ratio = _pair("rrc_ratio", self.rrc_ratio, 0.0, math.inf)
         if not 0.0 <= self.hflip <= 1.0:
             raise ValueError(f"--hflip is a probability in [0, 1], got {self.hflip}.")
+        if not 0.0 <= self.content_margin <= 1.0:
+            raise ValueError(f"--content-margin is a fraction of the content box in [0, 1], got {self.content_margin}.")
+        if not 0.0 <= self.affine_degrees <= 180.0 or not 0.0 <= self.affine_shear < 90.0:
+            raise ValueError(f"Need 0 <= --affine-degrees <= 180 and 0 <= --affine-shear < 90, got {self.affine_degrees} and {self.affine_shear}.")
+        if not 0.0 <= self.affine_translate <= 1.0:
+            raise ValueError(f"--affine-translate is a fraction of the image side in [0, 1], got {self.affine_translate}.")
+        self.affine_scale = _pair("affine_scale", self.affine_scale, 0.0, math.inf)
         _choice("loss", self.loss, LOSSES)
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
@@ -141,10 +155,17 @@ class TrainConfig:
         _choice("amp", self.amp, AMP_MODES)
         self.frozen_layers = list(self.frozen_layers)
 
+    def affine(self) -> RandomAffineOnBorder | None:
+        """The training random affine these options describe, or ``None`` when all are off."""
+        if not (self.affine_degrees or self.affine_translate or self.affine_shear or self.affine_scale != (1.0, 1.0)):
+            return None
+        return RandomAffineOnBorder(self.affine_degrees, self.affine_translate, self.affine_scale, self.affine_shear)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rrc_scale"] = list(self.rrc_scale)
         d["rrc_ratio"] = list(self.rrc_ratio)
+        d["affine_scale"] = list(self.affine_scale)
         return d
 
     @classmethod
@@ -154,7 +175,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"Unknown config keys {unknown}; allowed keys: {sorted(names)}.")
         d = dict(d)
-        for key in ("rrc_scale", "rrc_ratio"):
+        for key in ("rrc_scale", "rrc_ratio", "affine_scale"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)

@@ -245,8 +245,11 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
     torch.manual_seed(config.seed)  # model init (DDP broadcasts rank 0's parameters anyway)
     model = Recognizer(config.model_name, weights=config.weights, num_subcenters=1)
     loss_fn = build_loss(config.loss, **_loss_kwargs(config))
+    if config.content_crop:
+        model.preprocessing = replace(model.preprocessing, content_crop=True, content_margin=config.content_margin)
     preprocessing = model.preprocessing
-    tfm_train = train_transform(preprocessing, config.image_size, config.rrc_scale, config.rrc_ratio, config.hflip)
+    tfm_train = train_transform(preprocessing, config.image_size, config.rrc_scale, config.rrc_ratio, config.hflip,
+                                config.affine())
     tfm_val = (three_crop_eval_transform if config.three_crop else eval_transform)(preprocessing, config.image_size)
     ds_train, ds_gallery, ds_query = train_val_datasets(
         config.data_csv, image_key=config.image_key, label_key=config.label_key, num_folds=config.num_folds,
