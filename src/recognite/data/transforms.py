@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -14,6 +14,7 @@ from recognite.model.backbones import Preprocessing
 
 # A pixel belongs to the content when any channel differs from the border colour by more than this.
 CONTENT_TOLERANCE = 32
+_EIGHT_BIT_MODES = ("L", "LA", "RGB", "RGBA")
 
 
 def _interpolation(preprocessing: Preprocessing) -> InterpolationMode:
@@ -27,13 +28,14 @@ def border_color(image: Image.Image) -> tuple[int, ...]:
         image: PIL image of any mode.
 
     Returns:
-        One integer per channel (pixel values of the image's mode, e.g. 0..255 for ``'RGB'``).
+        One integer per channel (pixel values of the image's mode, e.g. 0..255 for ``'RGB'``); for
+        an even number of ring pixels, the upper of the two middle values.
     """
     pixels = np.asarray(image)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
-    ring = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]]).astype(np.int64)
-    return tuple(int(v) for v in np.median(ring, axis=0))
+    ring = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    return tuple(int(v) for v in np.sort(ring, axis=0)[len(ring) // 2])
 
 
 class ContentCrop:
@@ -43,7 +45,9 @@ class ContentCrop:
     than ``tolerance`` in some channel. The crop is the square centred on the content's bounding
     box, with side ``(1 + 2 * margin)`` times the box's longer side; parts outside the image are
     filled with the border colour. Images without content are returned unchanged. This removes
-    the position and scale of a character, logo or product on a plain background.
+    the position and scale of a character, logo or product on a plain background. 8-bit images
+    (``L``, ``LA``, ``RGB``, ``RGBA``) keep their mode; binary and 16/32-bit grey images become
+    ``L``, other modes (palette, CMYK...) ``RGB``.
 
     Args:
         margin: Margin around the content box, as a fraction of its longer side (>= 0).
@@ -57,21 +61,22 @@ class ContentCrop:
         self.tolerance = tolerance
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if image.mode == "1":
-            image = image.convert("L")
+        if image.mode not in _EIGHT_BIT_MODES:
+            image = image.convert("L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
         background = border_color(image)
-        pixels = np.asarray(image).astype(np.int64)
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
-        content = (np.abs(pixels - np.asarray(background)) > self.tolerance).any(axis=2)
-        rows, cols = np.flatnonzero(content.any(axis=1)), np.flatnonzero(content.any(axis=0))
-        if rows.size == 0:
+        fill = background[0] if len(background) == 1 else background
+        difference = ImageChops.difference(image, Image.new(image.mode, image.size, fill))
+        bands = difference.split()
+        largest = bands[0]
+        for band in bands[1:]:
+            largest = ImageChops.lighter(largest, band)
+        box = largest.point([0] * (self.tolerance + 1) + [255] * (255 - self.tolerance)).getbbox()
+        if box is None:
             return image
-        top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        left, top, right, bottom = box
         side = max(1, round(max(bottom - top, right - left) * (1 + 2 * self.margin)))
         x0 = round((left + right - side) / 2)
         y0 = round((top + bottom - side) / 2)
-        fill = background[0] if len(background) == 1 else background
         square = Image.new(image.mode, (side, side), fill)
         square.paste(image.crop((max(x0, 0), max(y0, 0), min(x0 + side, image.width), min(y0 + side, image.height))),
                      (max(-x0, 0), max(-y0, 0)))
