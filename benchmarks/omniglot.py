@@ -60,7 +60,8 @@ def train_background(background: pd.DataFrame, args: argparse.Namespace) -> tupl
         data_csv=str(csv_file), num_folds=10, val_fold="0", num_refs=1, model_name=args.model_name,
         image_size=args.image_size, rrc_scale=tuple(args.rrc_scale), rrc_ratio=(0.8, 1.25), epochs=args.epochs,
         content_crop=args.content_crop, affine_degrees=args.affine_degrees, affine_translate=args.affine_translate,
-        affine_scale=tuple(args.affine_scale), affine_shear=args.affine_shear,
+        affine_scale=tuple(args.affine_scale), affine_shear=args.affine_shear, rotation_classes=args.rotation_classes,
+        elastic_magnitude=args.elastic_magnitude, elastic_grid=args.elastic_grid,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=1.0,
         loss=args.loss, temperature=args.temperature, num_workers=args.num_workers,
         max_steps_per_epoch=args.max_steps, output_dir=str(out / "train"), progress=args.progress,
@@ -94,6 +95,12 @@ def _augmentation_text(args: argparse.Namespace) -> str:
     if args.affine_degrees or args.affine_translate or args.affine_shear or tuple(args.affine_scale) != (1.0, 1.0):
         parts.append(f"affine rot {args.affine_degrees} shift {args.affine_translate} scale {tuple(args.affine_scale)} "
                      f"shear {args.affine_shear}")
+    if args.elastic_magnitude:
+        parts.append(f"elastic {args.elastic_magnitude} on a {args.elastic_grid}x{args.elastic_grid} grid")
+    if args.rotation_classes:
+        parts.append("rotations as new classes (x4)")
+    if args.max_steps:
+        parts.append(f"at most {args.max_steps} steps per epoch")
     return ", ".join(parts)
 
 
@@ -110,6 +117,11 @@ def main() -> None:
     parser.add_argument("--affine-translate", type=float, default=0.08)
     parser.add_argument("--affine-scale", type=float, nargs=2, default=(0.8, 1.1))
     parser.add_argument("--affine-shear", type=float, default=20.0)
+    parser.add_argument("--elastic-magnitude", type=float, default=0.0,
+                        help="Elastic distortion strength (TrainConfig.elastic_magnitude; 0 = off).")
+    parser.add_argument("--elastic-grid", type=int, default=4)
+    parser.add_argument("--rotation-classes", action=argparse.BooleanOptionalAction, default=False,
+                        help="Train on the 90/180/270-degree rotations as new classes (TrainConfig.rotation_classes).")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.002)

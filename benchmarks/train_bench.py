@@ -3,7 +3,8 @@
 Both train the same model (Recognizer + CosFace, the default loss), on the same data (the demo dataset),
 with the same batch size, transform, optimizer and number of steps. Only the training steps are
 timed (the trainer reports its own `train_images_per_s` per epoch; validation is excluded). The
-two contenders alternate `--repeats` times and the medians are compared.
+contenders alternate `--repeats` times and the medians are compared. A third contender,
+`recognite train --channels-last`, measures what the channels-last memory layout gives.
 
     python benchmarks/train_bench.py --steps 30 --repeats 3
 """
@@ -51,8 +52,9 @@ def bare_loop(csv_file: Path, args: argparse.Namespace) -> float:
     return steps * args.batch_size / (time.perf_counter() - start)
 
 
-def recognite_train(csv_file: Path, args: argparse.Namespace, out: Path) -> float:
+def recognite_train(csv_file: Path, args: argparse.Namespace, out: Path, channels_last: bool = False) -> float:
     config = TrainConfig(
+        channels_last=channels_last,
         data_csv=str(csv_file), model_name=args.model_name, image_size=args.image_size, batch_size=args.batch_size,
         num_workers=args.num_workers, epochs=1, max_steps_per_epoch=args.steps, rrc_scale=(0.6, 1.0),
         output_dir=str(out), progress=False, report=False,
@@ -72,15 +74,19 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=0)
     args = parser.parse_args()
     csv_file = make_demo_dataset(default_demo_root(), progress=False)
-    bare, ours = [], []
+    bare, ours, nhwc = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(args.repeats):
             bare.append(bare_loop(csv_file, args))
             ours.append(recognite_train(csv_file, args, Path(tmp) / f"run{repeat}"))
-            print(f"repeat {repeat + 1}: bare loop {bare[-1]:.1f} img/s, recognite train {ours[-1]:.1f} img/s")
-    ratio = statistics.median(ours) / statistics.median(bare)
-    print(f"median: bare loop {statistics.median(bare):.1f} img/s, recognite train {statistics.median(ours):.1f} img/s")
-    print(f"recognite train / bare loop throughput: {ratio:.3f} ({(1 - ratio) * 100:+.1f}% slower)")
+            nhwc.append(recognite_train(csv_file, args, Path(tmp) / f"nhwc{repeat}", channels_last=True))
+            print(f"repeat {repeat + 1}: bare loop {bare[-1]:.1f} img/s, recognite train {ours[-1]:.1f} img/s, "
+                  f"recognite train --channels-last {nhwc[-1]:.1f} img/s")
+    med_bare, med_ours, med_nhwc = (statistics.median(v) for v in (bare, ours, nhwc))
+    print(f"median: bare loop {med_bare:.1f} img/s, recognite train {med_ours:.1f} img/s, "
+          f"--channels-last {med_nhwc:.1f} img/s")
+    print(f"recognite train / bare loop throughput: {med_ours / med_bare:.3f}")
+    print(f"channels-last / contiguous layout (recognite train): {med_nhwc / med_ours:.3f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from recognite.data import eval_transform, train_transform
-from recognite.data.transforms import ContentCrop, RandomAffineOnBorder, border_color
+from recognite.data.transforms import ContentCrop, RandomAffineOnBorder, RandomElasticOnBorder, border_color
 from recognite.model.backbones import Preprocessing
 
 WHITE, BLACK = 255, 0
@@ -91,6 +91,59 @@ def test_random_affine_fills_with_the_border_colour():
     np.testing.assert_array_equal(np.asarray(identity), pixels)
 
 
+def test_elastic_displacement_is_a_smooth_field_through_random_nodes():
+    elastic = RandomElasticOnBorder(magnitude=0.05, grid=4)
+    torch.manual_seed(3)
+    field = elastic.displacement(40, 30)
+    torch.manual_seed(3)
+    nodes = (torch.rand(1, 2, 4, 4) * 2 - 1) * 0.1  # the lattice: +-magnitude of the side = +-0.1 in [-1, 1] units
+    assert field.shape == (1, 40, 30, 2)
+    # The corner pixels sit on the corner nodes; channel 0 is x, channel 1 is y.
+    for (row, col), (node_row, node_col) in [((0, 0), (0, 0)), ((0, -1), (0, -1)), ((-1, 0), (-1, 0)), ((-1, -1), (-1, -1))]:
+        for axis in (0, 1):
+            assert float(field[0, row, col, axis]) == pytest.approx(float(nodes[0, axis, node_row, node_col]), abs=1e-6)
+    assert float(field.abs().max()) <= 0.1 * 1.3  # bicubic overshoots the nodes by a little at most
+    assert float(field.abs().max()) > 0.02
+    # Smooth: neighbouring pixels move almost alike (a per-pixel random field would not).
+    step = (field[:, 1:] - field[:, :-1]).abs().mean()
+    assert float(step) < 0.25 * float(field.abs().mean())  # white noise: about 1.3x the mean
+
+
+def test_elastic_moves_pixels_by_the_displacement_and_fills_with_the_border_colour(monkeypatch):
+    pixels = _grey(16, 20, 200)
+    pixels[4:12, 6:14] = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    elastic = RandomElasticOnBorder(magnitude=0.1)
+    shift = torch.zeros(1, 16, 20, 2)
+    shift[..., 0] = 2 * 4 / 20  # every output pixel reads the input 4 pixels to its right
+    monkeypatch.setattr(elastic, "displacement", lambda height, width: shift)
+    out = np.asarray(elastic(Image.fromarray(pixels))).astype(int)
+    np.testing.assert_allclose(out[:, :16], pixels[:, 4:], atol=1)
+    np.testing.assert_array_equal(out[:, 16:], 200)  # pulled in from outside: the border colour, not black
+
+
+def test_elastic_keeps_the_background_and_zero_is_the_identity():
+    pixels = _grey(32, 32, 180)
+    pixels[12:20, 12:20] = BLACK
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = np.asarray(RandomElasticOnBorder(magnitude=0.2, grid=3)(Image.fromarray(pixels)))
+        assert (out[:4] == 180).all() and (out[-4:] == 180).all()  # the square cannot reach the edges
+        assert out.min() < 60 and not np.array_equal(out, pixels)
+    identity = RandomElasticOnBorder(magnitude=0.0)(Image.fromarray(pixels))
+    np.testing.assert_array_equal(np.asarray(identity), pixels)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"magnitude": -0.1}, "magnitude is a fraction of the image side in \\[0, 1\\], got -0.1"),
+    ({"magnitude": 1.5}, "got 1.5"),
+    ({"magnitude": 0.1, "grid": 1}, "grid must be an integer >= 2"),
+    ({"magnitude": 0.1, "grid": 2.5}, "grid must be an integer >= 2"),
+])
+def test_elastic_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RandomElasticOnBorder(**kwargs)
+
+
 def test_eval_transform_with_content_crop_centres_the_content():
     pre = dataclasses.replace(Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), content_crop=True, content_margin=0.0)
     rgb = np.full((64, 48, 3), 255, dtype=np.uint8)
@@ -109,6 +162,9 @@ def test_train_transform_starts_with_the_content_crop_when_asked():
     affine = RandomAffineOnBorder(degrees=5)
     steps = train_transform(dataclasses.replace(pre, content_crop=True), 16, affine=affine).transforms
     assert isinstance(steps[0], ContentCrop) and affine in steps
+    elastic = RandomElasticOnBorder(0.05)
+    steps = train_transform(pre, 16, affine=affine, elastic=elastic).transforms
+    assert steps.index(elastic) == steps.index(affine) + 1  # after the affine, at the output size
     image = Image.fromarray(np.full((40, 30, 3), 128, dtype=np.uint8))
     assert train_transform(dataclasses.replace(pre, content_crop=True), 16, affine=affine)(image).shape == (3, 16, 16)
 

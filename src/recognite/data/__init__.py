@@ -11,14 +11,24 @@ from .splits import k_fold_trainval_split, split_gallery_query
 from .train_val import label_mapping, train_val_datasets
 
 from .demo import default_demo_root, make_demo_dataset
+from .rotation_classes import RotationClasses
 from .samplers import PKBatchSampler
-from .transforms import ContentCrop, RandomAffineOnBorder, eval_transform, three_crop_eval_transform, train_transform
+from .transforms import (
+    ContentCrop,
+    RandomAffineOnBorder,
+    RandomElasticOnBorder,
+    eval_transform,
+    three_crop_eval_transform,
+    train_transform,
+)
 
 __all__ = [
     "ContentCrop",
     "DataFrameDataset",
     "PKBatchSampler",
     "RandomAffineOnBorder",
+    "RandomElasticOnBorder",
+    "RotationClasses",
     "default_demo_root",
     "eval_transform",
     "make_demo_dataset",

@@ -98,17 +98,23 @@ class DataFrameDataset(Dataset):
 
     def __getitem__(self, idx: int) -> tuple[Any, int]:
         """Returns ``(image, int_label)`` of row ``idx`` (by position)."""
+        image = self.load_image(idx)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.int_label(idx)
+
+    def load_image(self, idx: int) -> Image.Image:
+        """The PIL image of row ``idx`` (by position), in ``image_mode``, before ``transform``."""
         path = self.df[self.image_key].iloc[idx]
-        label = self.df[self.label_key].iloc[idx]
         with Image.open(path) as file_image:
             if self.image_mode is None:
                 file_image.load()
-                image = file_image.copy()
-            else:
-                image = file_image.convert(self.image_mode)
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.label_to_int[label])
+                return file_image.copy()
+            return file_image.convert(self.image_mode)
+
+    def int_label(self, idx: int) -> int:
+        """The integer label of row ``idx`` (by position)."""
+        return int(self.label_to_int[self.df[self.label_key].iloc[idx]])
 
     @property
     def int_labels(self) -> np.ndarray:

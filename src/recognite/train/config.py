@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from recognite._atomic import atomic_write_text
-from recognite.data.transforms import RandomAffineOnBorder
+from recognite.data.transforms import RandomAffineOnBorder, RandomElasticOnBorder
 from recognite.model.backbones import check_model_name
 
 LOSSES = ("norm_softmax", "cosface", "arcface", "subcenter_arcface")
@@ -56,6 +56,9 @@ class TrainConfig:
     affine_translate: float = _doc("Training augmentation: random shift up to this fraction of the side (0 = off).", default=0.0)
     affine_scale: tuple[float, float] = _doc("Training augmentation: random scale factor range (1 1 = off).", default=(1.0, 1.0))
     affine_shear: float = _doc("Training augmentation: random shear in [-D, D] degrees (0 = off).", default=0.0)
+    elastic_magnitude: float = _doc("Training augmentation: random smooth elastic distortion, displacements up to this fraction of the side at the nodes of an --elastic-grid lattice (0 = off; ~0.04 for handwriting).", default=0.0)
+    elastic_grid: int = _doc("Lattice nodes per side of the elastic distortion (>= 2; more = more local wobble).", default=4)
+    rotation_classes: bool = _doc("Also train on every image rotated by 90, 180 and 270 degrees, each rotation of a class a new class (4x the classes). For characters, symbols, logos: objects whose rotated version is a different thing.", default=False)
 
     loss: str = _doc(f"Loss on cosine scores: one of {', '.join(LOSSES)} (see benchmarks/RESULTS.md, Losses).", default="cosface")
     temperature: float = _doc("Softmax temperature of norm_softmax (scores are divided by it).", default=0.05)
@@ -90,6 +93,7 @@ class TrainConfig:
     resume: str | None = _doc("Checkpoint to resume from exactly, or 'auto' for output_dir/last.pt when present.", default=None)
     seed: int = _doc("Seed for initialization, shuffling and augmentation.", default=0)
     device: str = _doc("Device: auto (CUDA when available), cpu or cuda.", default="auto")
+    channels_last: bool = _doc("Train in the channels-last memory layout (NHWC), which convolutions on GPUs with tensor cores and on oneDNN CPUs can be faster in; the same results up to float rounding. Measure before relying on it (benchmarks/train_bench.py).", default=False)
     amp: str = _doc("Mixed precision on GPU: auto (bf16 when supported, else fp16), bf16, fp16 or none. CPU runs in float32.", default="auto")
     tensorboard: bool = _doc("Also log metrics to TensorBoard (needs recognite[tensorboard]).", default=False)
     wandb_project: str | None = _doc("Also log to this Weights & Biases project (needs recognite[wandb]).", default=None)
@@ -126,6 +130,9 @@ class TrainConfig:
         if not 0.0 <= self.affine_translate <= 1.0:
             raise ValueError(f"--affine-translate is a fraction of the image side in [0, 1], got {self.affine_translate}.")
         self.affine_scale = _pair("affine_scale", self.affine_scale, 0.0, math.inf)
+        if not 0.0 <= self.elastic_magnitude <= 1.0:
+            raise ValueError(f"--elastic-magnitude is a fraction of the image side in [0, 1], got {self.elastic_magnitude}.")
+        _positive_int("elastic_grid", self.elastic_grid, minimum=2)
         _choice("loss", self.loss, LOSSES)
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}.")
@@ -160,6 +167,10 @@ class TrainConfig:
         if not (self.affine_degrees or self.affine_translate or self.affine_shear or self.affine_scale != (1.0, 1.0)):
             return None
         return RandomAffineOnBorder(self.affine_degrees, self.affine_translate, self.affine_scale, self.affine_shear)
+
+    def elastic(self) -> RandomElasticOnBorder | None:
+        """The training elastic distortion these options describe, or ``None`` when it is off."""
+        return RandomElasticOnBorder(self.elastic_magnitude, self.elastic_grid) if self.elastic_magnitude else None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from recognite.data import train_val_datasets
+from recognite.data.rotation_classes import RotationClasses
 from recognite.data.samplers import PKBatchSampler
 from recognite.data.transforms import (
     eval_transform,
@@ -249,18 +250,22 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
         model.preprocessing = replace(model.preprocessing, content_crop=True, content_margin=config.content_margin)
     preprocessing = model.preprocessing
     tfm_train = train_transform(preprocessing, config.image_size, config.rrc_scale, config.rrc_ratio, config.hflip,
-                                config.affine())
+                                config.affine(), config.elastic())
     tfm_val = (three_crop_eval_transform if config.three_crop else eval_transform)(preprocessing, config.image_size)
     ds_train, ds_gallery, ds_query = train_val_datasets(
         config.data_csv, image_key=config.image_key, label_key=config.label_key, num_folds=config.num_folds,
         val_fold=int(config.val_fold), fold_seed=config.fold_seed, num_refs=config.num_refs, ref_seed=config.ref_seed,
         tfm_train=tfm_train, tfm_val=tfm_val,
     )
+    if config.rotation_classes:
+        ds_train = RotationClasses(ds_train)
     num_classes = len(ds_train.unique_labels)
     num_outputs = loss_fn.num_outputs(num_classes)
     model.num_subcenters = num_outputs // num_classes
     model.set_classifier(num_classes, bias=False)
     model.to(device)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
     frozen_bn = _freeze(model, config.frozen_layers)
     loss_fn.to(device)
 
@@ -388,7 +393,7 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
                            initial=start_batch, total=start_batch + len(batch_sampler))
             epoch_start = time.perf_counter()
             for batch_index, (images, labels) in enumerate(batches, start=start_batch):
-                images = images.to(device, non_blocking=True)
+                images = images.to(device, non_blocking=True, memory_format=memory_format)
                 labels = labels.to(device, non_blocking=True)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     scores = train_model(images)
