@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--affine-translate", type=float, default=0.08)
     parser.add_argument("--affine-scale", type=float, nargs=2, default=(0.8, 1.1))
     parser.add_argument("--affine-shear", type=float, default=20.0)
-    parser.add_argument("--elastic-magnitude", type=float, default=0.0,
+    parser.add_argument("--elastic-magnitude", type=float, default=0.06,
                         help="Elastic distortion strength (TrainConfig.elastic_magnitude; 0 = off).")
     parser.add_argument("--elastic-grid", type=int, default=4)
     parser.add_argument("--rotation-classes", action=argparse.BooleanOptionalAction, default=False,
