@@ -23,6 +23,13 @@ def _interpolation(preprocessing: Preprocessing) -> InterpolationMode:
     return InterpolationMode(preprocessing.interpolation)
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """The image itself in an 8-bit mode; binary and 16/32-bit grey images as ``L``, others as ``RGB``."""
+    if image.mode in _EIGHT_BIT_MODES:
+        return image
+    return image.convert("L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
+
+
 def border_color(image: Image.Image) -> tuple[int, ...]:
     """Per-channel median of the outermost pixel ring: the background colour of a plain-background image.
 
@@ -63,8 +70,7 @@ class ContentCrop:
         self.tolerance = tolerance
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if image.mode not in _EIGHT_BIT_MODES:
-            image = image.convert("L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
+        image = _eight_bit(image)
         background = border_color(image)
         fill = background[0] if len(background) == 1 else background
         difference = ImageChops.difference(image, Image.new(image.mode, image.size, fill))
@@ -128,7 +134,7 @@ class RandomElasticOnBorder:
     ``[-magnitude, magnitude]`` (a fraction of the image side) at the nodes of a ``grid`` x ``grid``
     lattice spanning the image, interpolated bicubically in between. This imitates the variation
     between two drawings of one handwritten character (Simard et al. 2003 smooth a per-pixel field
-    with a Gaussian instead, which costs 10-20x more on a CPU). Pixels pulled in from outside the
+    with a Gaussian instead, which costs far more on a CPU). Pixels pulled in from outside the
     image get the image's own :func:`border_color`.
 
     Args:
@@ -154,8 +160,7 @@ class RandomElasticOnBorder:
         return field.permute(0, 2, 3, 1)
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        if image.mode not in _EIGHT_BIT_MODES:
-            image = image.convert("L" if image.mode in ("1", "I", "I;16", "F") else "RGB")
+        image = _eight_bit(image)
         # Warp the difference from the border colour with zero padding, so that whatever comes from
         # outside the image, fully or blended at the edge, is exactly the border colour.
         # (torchvision's elastic_transform blends its fill in twice and darkens the edges.)
