@@ -13,7 +13,6 @@ A bundle folder holds two files:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,8 +26,18 @@ from typing import Any
 
 import torch
 
-from recognite.model.backbones import Preprocessing
-from recognite.model.recognizer import Recognizer
+from recognite.preprocessing import Preprocessing
+from recognite.utils.device import resolve_device
+from recognite._bundle_files import (
+    BUNDLE_FILE,
+    BUNDLE_FORMAT,
+    BUNDLE_FORMAT_VERSION,
+    WEIGHTS_FILE,
+    sha256_file,
+)
+from recognite.checkpoint import checkpoint_threshold, epoch_row, load_checkpoint
+from recognite.model.recognizer import Recognizer, load_bundle_model
+from recognite.utils.validate import check_threshold
 
 __all__ = [
     "BUNDLE_FILE",
@@ -44,28 +53,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "recognite.bundle"
-BUNDLE_FORMAT_VERSION = 1
-BUNDLE_FILE = "bundle.json"
-WEIGHTS_FILE = "model.safetensors"
-_MAX_LISTED = 5
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` or ``'auto'`` → CUDA when available, else CPU; anything else → ``torch.device``.
-
-    Raises:
-        ValueError: An unknown device string, or CUDA asked for on a machine without it.
-    """
-    if device is None or (isinstance(device, str) and device == "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.") from exc
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={str(device)!r} was asked for, but CUDA is not available on this machine; use 'cpu' or 'auto'.")
-    return resolved
 
 
 @dataclass
@@ -121,14 +108,6 @@ class Bundle:
 # --- saving ---------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_image_size(image_size: Any) -> int:
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer (the network input side in pixels), got {image_size!r}.")
@@ -136,15 +115,13 @@ def _check_image_size(image_size: Any) -> int:
 
 
 def _check_threshold(threshold: Any) -> float | None:
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        if isinstance(threshold, torch.Tensor) and threshold.numel() == 1:
-            threshold = float(threshold)
-        else:
-            raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__} {threshold!r}.")
-    value = float(threshold)
-    if value == -math.inf:  # accepts every query: the same as no threshold
+    try:
+        value = check_threshold(threshold)
+    except ValueError as exc:
+        if isinstance(exc, TypeError):
+            raise
+        raise ValueError(f"threshold must be a finite number (a cosine similarity) or None, got {threshold!r}.") from exc
+    if value is None or value == -math.inf:  # -inf accepts every query: the same as no threshold
         return None
     if not math.isfinite(value):
         raise ValueError(f"threshold must be a finite number (a cosine similarity) or None, got {value!r}.")
@@ -274,7 +251,7 @@ def save_bundle(
             "threshold_metric": "cosine",
             "label_names": names,
             "weights_file": WEIGHTS_FILE,
-            "weights_sha256": _sha256(weights_path),
+            "weights_sha256": sha256_file(weights_path),
             "metadata": metadata,
         }
         with open(tmp_dir / BUNDLE_FILE, "w", encoding="utf-8") as f:
@@ -291,44 +268,6 @@ def save_bundle(
 # --- loading --------------------------------------------------------------------------------
 
 
-def _read_manifest(folder: Path) -> dict[str, Any]:
-    if not folder.exists():
-        raise FileNotFoundError(f"Model bundle {str(folder)!r} does not exist.")
-    if not folder.is_dir():
-        raise ValueError(f"A model bundle is a folder (holding {BUNDLE_FILE} and {WEIGHTS_FILE}); {str(folder)!r} is a file.")
-    manifest_path = folder / BUNDLE_FILE
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{str(folder)!r} is not a model bundle: {BUNDLE_FILE} is missing.")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{manifest_path} is not valid JSON: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
-        raise ValueError(f"{manifest_path} is not a recognite bundle manifest (format is not {BUNDLE_FORMAT!r}).")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > BUNDLE_FORMAT_VERSION:
-        raise ValueError(f"{manifest_path} has bundle format version {version!r}; this recognite reads up to "
-                         f"{BUNDLE_FORMAT_VERSION}. Upgrade recognite.")
-    missing = [k for k in ("model", "preprocessing", "image_size", "weights_sha256") if k not in manifest]
-    if missing:
-        raise ValueError(f"{manifest_path} lacks the entries {missing}.")
-    return manifest
-
-
-def _describe_mismatch(model: Recognizer, state: dict[str, torch.Tensor]) -> list[str]:
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    problems = []
-    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-        if items:
-            more = f" ... ({len(items)} in all)" if len(items) > _MAX_LISTED else ""
-            problems.append(f"{what} {items[:_MAX_LISTED]}{more}")
-    return problems
-
-
 def load_bundle(path: str | os.PathLike, device: str | torch.device | None = None, verify: bool = True) -> Bundle:
     """Load a bundle written by :func:`save_bundle`.
 
@@ -336,7 +275,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
         path: The bundle folder.
         device: Where to put the model: ``None``/``'auto'`` (CUDA when available), ``'cpu'``,
             ``'cuda'``...
-        verify: Check the SHA-256 of the weights file against ``bundle.json``.
+        verify: Check the SHA-256 of the weights file against ``bundle.json``. With ``False``
+            the file is not hashed (faster for large models) and ``weights_sha256`` is the
+            recorded one.
 
     Returns:
         A :class:`Bundle` whose model is in eval mode.
@@ -346,53 +287,13 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
         ValueError: Unreadable manifest, modified weights (checksum mismatch), or weights that
             do not fit the architecture named in ``bundle.json`` (the message names the mismatch).
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(path).expanduser()
-    manifest = _read_manifest(folder)
-    weights_path = folder / str(manifest.get("weights_file", WEIGHTS_FILE))
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"Model bundle {str(folder)!r} is incomplete: the weights file {weights_path.name} is missing.")
-    digest = _sha256(weights_path)
-    if verify and digest != manifest["weights_sha256"]:
-        raise ValueError(f"The weights file {weights_path} does not match the SHA-256 recorded in {BUNDLE_FILE} "
-                         f"(expected {manifest['weights_sha256'][:16]}..., found {digest[:16]}...): it was modified "
-                         "or truncated after the bundle was saved.")
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"Could not read the weights file {weights_path}: {exc}") from exc
-
-    spec = manifest["model"]
-    model_name = spec.get("model_name")
-    try:
-        model = Recognizer(
-            model_name,
-            num_classes=spec.get("num_classes"),
-            weights=None,
-            bias=bool(spec.get("bias", False)),
-            normalize=bool(spec.get("normalize", True)),
-            num_subcenters=int(spec.get("num_subcenters", 1)),
-            **(spec.get("model_kwargs") or {}),
-        )
-    except TypeError as exc:
-        raise ValueError(f"{BUNDLE_FILE} in {folder} describes a model that cannot be built: {exc}") from exc
-    problems = _describe_mismatch(model, state)
-    if problems:
-        raise ValueError(f"The weights in {weights_path} do not fit the architecture {model_name!r} named in "
-                         f"{BUNDLE_FILE}: {'; '.join(problems)}.")
-    model.load_state_dict(state)
-    expected_dim = spec.get("embedding_dim")
-    if expected_dim is not None and expected_dim != model.embedding_dim:
-        raise ValueError(f"{BUNDLE_FILE} says embedding_dim={expected_dim}, but {model_name!r} gives {model.embedding_dim}.")
-    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
-    model.preprocessing = preprocessing
+    model, manifest, digest = load_bundle_model(folder, verify=verify)
     model.to(resolve_device(device)).eval()
     threshold = manifest.get("threshold")
     return Bundle(
         model=model,
-        preprocessing=preprocessing,
+        preprocessing=model.preprocessing,
         image_size=_check_image_size(manifest["image_size"]),
         threshold=None if threshold is None else float(threshold),
         label_names=manifest.get("label_names"),
@@ -453,8 +354,6 @@ def bundle_from_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os
         FileNotFoundError: No such checkpoint.
         ValueError: Not a recognite training checkpoint, or weights that do not fit its config.
     """
-    from recognite.train.checkpoint import load_checkpoint
-
     state = load_checkpoint(checkpoint_path)
     model_config = state.get("model_config")
     if not isinstance(model_config, dict) or "model_name" not in model_config:
@@ -464,38 +363,19 @@ def bundle_from_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os
         image_size = train_config.get("image_size")
         if image_size is None:
             raise ValueError(f"{checkpoint_path} records no image_size in its training config; pass image_size.")
-    kwargs = dict(model_config.get("model_kwargs") or {})
-    model = Recognizer(
-        model_config["model_name"],
-        num_classes=model_config.get("num_classes"),
-        weights=None,
-        bias=bool(model_config.get("bias", False)),
-        normalize=bool(model_config.get("normalize", True)),
-        num_subcenters=int(model_config.get("num_subcenters", 1)),
-        **kwargs,
-    )
-    weights = state["model"]
-    if isinstance(weights, dict) and weights and all(k.startswith("module.") for k in weights):
-        weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    problems = _describe_mismatch(model, weights)
-    if problems:
-        raise ValueError(f"The weights in {checkpoint_path} do not fit {model_config['model_name']!r}: {'; '.join(problems)}.")
-    model.load_state_dict(weights)
-    if "preprocessing" in model_config:
-        model.preprocessing = Preprocessing.from_dict(model_config["preprocessing"])
-    # The validation row of the checkpoint's own epoch: last.pt holds the best epoch's threshold
-    # in state["threshold"], but the weights of the last epoch.
-    row = next((r for r in state.get("history") or [] if isinstance(r, dict) and r.get("epoch") == state.get("epoch")), None)
-    raw_threshold = row["threshold"] if row is not None and row.get("threshold") is not None else state.get("threshold")
-    threshold = _threshold_as_cosine(raw_threshold, train_config, model.normalize)
+    model = Recognizer.from_config(model_config, source=str(checkpoint_path))
+    model.load_weights(state["model"], source=str(checkpoint_path))
+    # The threshold of the checkpoint's own epoch: last.pt holds the best epoch's threshold in
+    # state["threshold"], but the weights of the last epoch.
+    threshold = _threshold_as_cosine(checkpoint_threshold(state), train_config, model.normalize)
     metadata = {
         "source_checkpoint": os.path.abspath(os.fspath(checkpoint_path)),
         "epoch": state.get("epoch"),
         "train_config": train_config,
-        "validation": row,
+        "validation": epoch_row(state),
     }
     return save_bundle(model, out_dir, int(image_size), threshold=threshold, label_names=state.get("label_names"),
-                       metadata=_json_safe(metadata), model_kwargs=kwargs)
+                       metadata=_json_safe(metadata), model_kwargs=model.model_kwargs)
 
 
 def _json_safe(value: Any) -> Any:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from recognite._atomic import atomic_path
 from recognite.data.folders import IMAGE_EXTENSIONS
+from recognite.utils.device import resolve_device
 
 __all__ = [
     "EmbeddingsFile",
@@ -257,8 +258,6 @@ def embed_images(
         FileNotFoundError: Image files that do not exist (count + first few).
     """
     from tqdm.auto import tqdm
-
-    from recognite.bundle import resolve_device
 
     for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

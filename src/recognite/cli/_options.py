@@ -1,4 +1,5 @@
-"""Turn a config dataclass into argparse options (field docs become the ``--help`` text)."""
+"""Options shared by subcommands: config dataclasses as flags (field docs become ``--help``), and
+the bundle / loading / CSV-column / search-backend options with one spelling everywhere."""
 
 from __future__ import annotations
 
@@ -46,3 +47,31 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
 def dataclass_values(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in vars(args).items() if k in names}
+
+
+def add_bundle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="Model bundle folder (made by `recognite bundle`).")
+
+
+def add_loading(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=64, help="Images per forward pass (default: 64).")
+    p.add_argument("--num-workers", type=int, default=0, help="Data-loading worker processes (default: 0).")
+    p.add_argument("--device", default="auto", help="Device: auto (CUDA when available), cpu or cuda (default: auto).")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show progress bars.")
+
+
+def add_csv_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-key", default="image", help="CSV column holding the image paths (default: image).")
+    p.add_argument("--label-key", default="label", help="CSV column holding the labels (default: label).")
+
+
+def add_backend(p: argparse.ArgumentParser, default: str | None, nlist: bool = True) -> None:
+    from recognite.gallery import BACKENDS
+
+    shown = f" (default: {default})" if default else " (default: the one saved with the gallery)"
+    p.add_argument("--backend", choices=BACKENDS, default=default,
+                   help="Search backend: exact torch, exact faiss-flat, approximate faiss-ivf (FAISS needs "
+                        "recognite[faiss])" + shown + ".")
+    if nlist:
+        p.add_argument("--nlist", type=int, default=None, help="faiss-ivf: number of cells (default: about 4*sqrt(N)).")
+    p.add_argument("--nprobe", type=int, default=None, help="faiss-ivf: cells visited per query (default: 16).")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from recognite._atomic import atomic_path
+from recognite.cli._options import add_backend, add_bundle, add_csv_keys, add_loading
 
 logger = logging.getLogger("recognite")
 
@@ -19,34 +20,6 @@ _FROM_BUNDLE = object()  # --threshold not given: use the bundle's (not a string
 
 
 # --- shared options --------------------------------------------------------------------------
-
-
-def _add_bundle(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="Model bundle folder (made by `recognite bundle`).")
-
-
-def _add_loading(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=64, help="Images per forward pass (default: 64).")
-    p.add_argument("--num-workers", type=int, default=0, help="Data-loading worker processes (default: 0).")
-    p.add_argument("--device", default="auto", help="Device: auto (CUDA when available), cpu or cuda (default: auto).")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show progress bars.")
-
-
-def _add_csv_keys(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-key", default="image", help="CSV column holding the image paths (default: image).")
-    p.add_argument("--label-key", default="label", help="CSV column holding the labels (default: label).")
-
-
-def _add_backend(p: argparse.ArgumentParser, default: str | None, nlist: bool = True) -> None:
-    from recognite.gallery import BACKENDS
-
-    shown = f" (default: {default})" if default else " (default: the one saved with the gallery)"
-    p.add_argument("--backend", choices=BACKENDS, default=default,
-                   help="Search backend: exact torch, exact faiss-flat, approximate faiss-ivf (FAISS needs "
-                        "recognite[faiss])" + shown + ".")
-    if nlist:
-        p.add_argument("--nlist", type=int, default=None, help="faiss-ivf: number of cells (default: about 4*sqrt(N)).")
-    p.add_argument("--nprobe", type=int, default=None, help="faiss-ivf: cells visited per query (default: 16).")
 
 
 def _check_loading(args: argparse.Namespace) -> None:
@@ -116,11 +89,11 @@ def _register_embed(sub: argparse._SubParsersAction) -> None:
         "embed", help="Embed images (files, folders or CSV) into an embeddings file.",
         description="Compute the embeddings of images with a model bundle. Inputs are image files, folders "
         "(searched recursively) or CSV files (column --image-key; labels from --label-key when present).")
-    _add_bundle(p)
+    add_bundle(p)
     p.add_argument("inputs", nargs="+", help="Image files, folders or CSV files.")
     p.add_argument("--output", required=True, help="Embeddings file to write (.safetensors).")
-    _add_csv_keys(p)
-    _add_loading(p)
+    add_csv_keys(p)
+    add_loading(p)
     p.set_defaults(handler=_run_embed)
 
 
@@ -224,25 +197,25 @@ def _register_gallery(sub: argparse._SubParsersAction) -> None:
     b = gsub.add_parser("build", help="Embed reference images and write a new gallery.",
                         description="Embed reference images (a CSV of image,label rows or a folder-per-label tree) "
                         "with a bundle and write a gallery file.")
-    _add_bundle(b)
+    add_bundle(b)
     b.add_argument("--output", required=True, help="Gallery file to write (.safetensors), or an existing folder.")
     b.add_argument("--csv", help="CSV of reference images (columns --image-key, --label-key).")
     b.add_argument("--folder", help="Folder with one subfolder of reference images per label.")
     b.add_argument("--aggregation", choices=AGGREGATIONS, default="all",
                    help="Per label: keep all references, or one re-normalized mean prototype (default: all).")
-    _add_backend(b, "torch")
-    _add_csv_keys(b)
-    _add_loading(b)
+    add_backend(b, "torch")
+    add_csv_keys(b)
+    add_loading(b)
     b.set_defaults(handler=_run_gallery_build)
 
     a = gsub.add_parser("add", help="Embed more reference images into an existing gallery.",
                         description="Add references (new labels or more images of enrolled labels) to a gallery.")
-    _add_bundle(a)
+    add_bundle(a)
     a.add_argument("--gallery", required=True, help="Gallery file to update in place.")
     a.add_argument("--csv", help="CSV of reference images (columns --image-key, --label-key).")
     a.add_argument("--folder", help="Folder with one subfolder of reference images per label.")
-    _add_csv_keys(a)
-    _add_loading(a)
+    add_csv_keys(a)
+    add_loading(a)
     a.set_defaults(handler=_run_gallery_add)
 
     r = gsub.add_parser("remove", help="Remove labels (all their references) from a gallery.",
@@ -374,7 +347,7 @@ def _register_recognize(sub: argparse._SubParsersAction) -> None:
         "recognize", help="Recognize images against a gallery: top-k labels, or 'unknown'.",
         description="Embed query images (files, folders or CSV) and search the gallery. The prediction is the best "
         "label, or 'unknown' when its cosine similarity is below the threshold.")
-    _add_bundle(p)
+    add_bundle(p)
     p.add_argument("--gallery", required=True, help="Gallery file (made by `recognite gallery build`).")
     p.add_argument("inputs", nargs="+", help="Image files, folders or CSV files.")
     p.add_argument("--top-k", type=int, default=5, help="Labels listed per image (default: 5).")
@@ -382,9 +355,9 @@ def _register_recognize(sub: argparse._SubParsersAction) -> None:
                    help="Cosine-similarity threshold below which the answer is 'unknown'; 'none' never answers "
                    "unknown (default: the threshold calibrated in training, stored in the bundle).")
     p.add_argument("--output", default=None, help="Write results to a .csv or .json file instead of the terminal table.")
-    _add_backend(p, None, nlist=False)
-    _add_csv_keys(p)
-    _add_loading(p)
+    add_backend(p, None, nlist=False)
+    add_csv_keys(p)
+    add_loading(p)
     p.set_defaults(handler=_run_recognize)
 
 
@@ -421,7 +394,7 @@ def _register_export(sub: argparse._SubParsersAction) -> None:
         "export", help="Export a bundle's embedding model to ONNX or TorchScript.",
         description="The exported graph takes preprocessed images (N, 3, S, S) (resize, centre crop, normalize with "
         "the bundle's mean/std) and returns L2-normalized embeddings (N, D); the batch size is dynamic.")
-    _add_bundle(p)
+    add_bundle(p)
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="onnx (needs recognite[onnx]) or torchscript.")
     p.add_argument("--output", required=True, help="File to write (.onnx or .pt).")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default: 17).")

@@ -12,7 +12,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from recognite.model.backbones import Preprocessing
+from recognite.preprocessing import Preprocessing
 
 # A pixel belongs to the content when any channel differs from the border colour by more than this.
 CONTENT_TOLERANCE = 32

@@ -6,7 +6,7 @@ and the bounded-memory path (:func:`evaluate_embeddings`).
 """
 
 from .episodes import episode_accuracy
-from .open_set import open_set_metrics, threshold_at_far
+from .open_set import calibrate_threshold, open_set_metrics, open_set_rates, threshold_at_far
 from .pr import hard_pos_neg_scores, pr_metrics
 from .ranking import (
     accuracy,
@@ -21,9 +21,12 @@ from .ranking import (
 )
 from .scores import METRICS, embed_loader, pairwise_scores, score_matrix
 from .streaming import evaluate_embeddings, evaluate_loaders, evaluate_scores
+from .summary import SummaryResult, summary_metrics
 
 __all__ = [
     "METRICS",
+    "SummaryResult",
+    "calibrate_threshold",
     "accuracy",
     "cmc",
     "embed_loader",
@@ -35,12 +38,14 @@ __all__ = [
     "knn",
     "map_at_r",
     "open_set_metrics",
+    "open_set_rates",
     "pairwise_scores",
     "pr_metrics",
     "r_precision",
     "recall_at_k",
     "score_matrix",
     "sort_scores",
+    "summary_metrics",
     "threshold_at_far",
     "top_k",
     "top_k_accuracy",

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from recognite.utils.device import resolve_device
+
 from ._checks import DEFAULT_MEMORY_BUDGET, as_labels, rows_per_chunk
 
 __all__ = ["METRICS", "embed_loader", "pairwise_scores", "score_matrix"]
@@ -33,13 +35,6 @@ def check_metric(metric: Any) -> str:
     return metric
 
 
-def resolve_device(device: Any) -> torch.device:
-    """``None`` -> CUDA when available, else CPU; otherwise ``torch.device(device)``."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _check_embeddings(embeddings: Any, name: str) -> torch.Tensor:
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (N, D), got {type(embeddings).__name__}")
@@ -48,6 +43,27 @@ def _check_embeddings(embeddings: Any, name: str) -> torch.Tensor:
     if not embeddings.dtype.is_floating_point:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {embeddings.dtype}")
     return embeddings
+
+
+SCORE_BLOCK_ROWS = 64
+"""Query rows per matrix product. Every product has exactly this many rows (the last block is
+zero-padded), so BLAS runs the same kernel for every row and a query's scores are bit-identical
+whatever chunk it is scored in (a 1-row product takes another kernel, with other rounding)."""
+
+
+def _blocked_matmul(rows: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows @ right`` computed in zero-padded blocks of :data:`SCORE_BLOCK_ROWS` rows."""
+    num_rows = rows.shape[0]
+    if out is None:
+        out = torch.empty((num_rows, right.shape[1]), dtype=rows.dtype, device=rows.device)
+    full = num_rows - num_rows % SCORE_BLOCK_ROWS
+    for start in range(0, full, SCORE_BLOCK_ROWS):
+        torch.matmul(rows[start : start + SCORE_BLOCK_ROWS], right, out=out[start : start + SCORE_BLOCK_ROWS])
+    if full < num_rows:
+        padded = rows.new_zeros((SCORE_BLOCK_ROWS, rows.shape[1]))
+        padded[: num_rows - full] = rows[full:]
+        out[full:] = torch.matmul(padded, right)[: num_rows - full]
+    return out
 
 
 class _GalleryScorer:
@@ -80,12 +96,12 @@ class _GalleryScorer:
                 f"{self.gallery.shape[1]}; they must match"
             )
         if self.metric == "inner":
-            return torch.matmul(query_embs, self.gallery_t, out=out)
+            return _blocked_matmul(query_embs, self.gallery_t, out)
         if self.metric == "cosine":
             query_unit = query_embs / query_embs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return torch.matmul(query_unit, self.gallery_t, out=out).mul_(self.inv_norms)
+            return _blocked_matmul(query_unit, self.gallery_t, out).mul_(self.inv_norms)
         query_sq = (query_embs * query_embs).sum(dim=1, keepdim=True)
-        products = torch.matmul(query_embs, self.gallery_t, out=out)
+        products = _blocked_matmul(query_embs, self.gallery_t, out)
         sq_dist = products.mul_(-2.0).add_(query_sq).add_(self.sq_norms)
         sq_dist.clamp_(min=0.0)
         if self.metric == "euclid":

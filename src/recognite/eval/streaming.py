@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ from .scores import (
     resolve_device,
 )
 
-__all__ = ["evaluate_embeddings", "evaluate_loaders", "evaluate_scores"]
+__all__ = ["PerQueryStats", "evaluate_embeddings", "evaluate_loaders", "evaluate_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,40 @@ def _summarize(
         "hard_neg_mean": _mean(stats["max_neg"][stats["num_neg"] > 0]),
         "num_queries": num_queries,
         "num_queries_with_positives": int(torch.count_nonzero(has_pos)),
+        "per_query": PerQueryStats(**{key: stats[key] for key in PerQueryStats.KEYS}),
     }
+
+
+@dataclass(eq=False)
+class PerQueryStats:
+    """Per-query statistics of the engine, ``(Q,)`` each (the inputs of :mod:`recognite.eval.open_set`).
+
+    Attributes:
+        num_pos: Number of gallery items with the query's label.
+        num_neg: Number of other gallery items.
+        max_pos: Best positive score (``-inf`` without positives).
+        min_pos: Hardest (lowest) positive score (``+inf`` without positives).
+        max_neg: Hardest (highest) negative score (``-inf`` without negatives).
+        first_rank: Pessimistic rank of the best positive (``1 + #negatives >= it``).
+    """
+
+    KEYS: ClassVar[tuple[str, ...]] = ("num_pos", "num_neg", "max_pos", "min_pos", "max_neg", "first_rank")
+
+    num_pos: torch.Tensor
+    num_neg: torch.Tensor
+    max_pos: torch.Tensor
+    min_pos: torch.Tensor
+    max_neg: torch.Tensor
+    first_rank: torch.Tensor
+
+    def cpu(self) -> PerQueryStats:
+        """The same statistics on the CPU."""
+        return PerQueryStats(**{key: getattr(self, key).cpu() for key in self.KEYS})
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PerQueryStats):
+            return NotImplemented
+        return all(torch.equal(getattr(self, key), getattr(other, key)) for key in self.KEYS)
 
 
 _RESULT_DOC = """
@@ -73,7 +107,9 @@ _RESULT_DOC = """
         ``mAP``, ``AP`` (``(Q,)`` per query, ``nan`` without positives), ``map_at_r``,
         ``r_precision``, ``hard_pos_mean`` / ``hard_neg_mean`` (mean of
         :func:`~recognite.eval.hard_pos_neg_scores`), ``num_queries`` and
-        ``num_queries_with_positives``. Each value equals the matching full-matrix function
+        ``num_queries_with_positives`` and ``per_query``, a :class:`PerQueryStats` (best and
+        hardest positive, hardest negative, counts, first rank per query), the statistics that
+        :mod:`recognite.eval.open_set` works from. Each value equals the matching full-matrix function
         (:func:`~recognite.eval.accuracy`, :func:`~recognite.eval.top_k_accuracy`,
         :func:`~recognite.eval.recall_at_k`, :func:`~recognite.eval.cmc`,
         :func:`~recognite.eval.pr_metrics` ``['mAP']``, :func:`~recognite.eval.map_at_r`,

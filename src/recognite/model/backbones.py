@@ -13,7 +13,6 @@ import logging
 import os
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -23,14 +22,13 @@ import torchvision
 from torch import nn
 from torchvision.models import WeightsEnum, get_model_builder, get_model_weights, list_models
 
+from recognite.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
 logger = logging.getLogger(__name__)
 
 # Families in torchvision's classification registry whose head is not a final nn.Linear.
 _NON_LINEAR_HEAD_FAMILIES = ("squeezenet",)
 
-# Used only when the weights do not carry their own preprocessing (no weights, or a local file).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _supported_models() -> list[str]:
@@ -43,55 +41,6 @@ SUPPORTED_MODELS: list[str] = _supported_models()
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights must be downloaded and the download failed."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a backbone.
-
-    Attributes:
-        mean: Per-channel mean subtracted after scaling pixels to [0, 1].
-        std: Per-channel standard deviation divided by.
-        crop_size: Side of the square input the weights were evaluated at.
-        resize_size: Side the short edge is resized to before the centre crop.
-        interpolation: Name of the resize interpolation mode (e.g. ``"bilinear"``).
-        content_crop: Crop each image to the square around its content (the pixels that differ
-            from the border colour) before resizing, instead of the centre crop. Set by training
-            with ``--content-crop``; stored in checkpoints and bundles so that recognition
-            prepares images the same way.
-        content_margin: Margin added around the content box, as a fraction of its longer side.
-    """
-
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    crop_size: int = 224
-    resize_size: int = 256
-    interpolation: str = "bilinear"
-    content_crop: bool = False
-    content_margin: float = 0.05
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "crop_size": self.crop_size,
-            "resize_size": self.resize_size,
-            "interpolation": self.interpolation,
-            "content_crop": self.content_crop,
-            "content_margin": self.content_margin,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-            crop_size=int(d["crop_size"]),
-            resize_size=int(d["resize_size"]),
-            interpolation=str(d["interpolation"]),
-            content_crop=bool(d.get("content_crop", False)),
-            content_margin=float(d.get("content_margin", 0.05)),
-        )
 
 
 def check_model_name(model_name: str) -> None:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import WeightsEnum
 
+from recognite._bundle_files import BUNDLE_FILE, read_manifest, read_weights
 from recognite.model.backbones import (
-    Preprocessing,
     build_network,
     check_model_name,
     drop_auxiliary_heads,
@@ -21,10 +21,13 @@ from recognite.model.backbones import (
     resolve_weights,
 )
 from recognite.model.classifier_ops import split_backbone_classifier
+from recognite.preprocessing import Preprocessing
+from recognite.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
 _AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+_MAX_LISTED = 5
 _EPS = 1e-12
 
 
@@ -155,15 +158,68 @@ class Recognizer(nn.Module):
         }
 
     @classmethod
+    def from_config(cls, config: dict[str, Any], source: str = "the model config") -> Recognizer:
+        """Build the model that :meth:`config` describes, without weights (its inverse).
+
+        Args:
+            config: ``model_name`` (required), ``num_classes``, ``bias``, ``normalize``,
+                ``num_subcenters``, ``model_kwargs``, ``preprocessing`` (a dict), and
+                ``embedding_dim`` (checked against the built network when present).
+            source: Where the config comes from, named in error messages (e.g. a file).
+
+        Raises:
+            ValueError: A missing or unusable entry (the message names ``source`` and the key).
+        """
+        if not isinstance(config, dict) or not isinstance(config.get("model_name"), str):
+            raise ValueError(f"{source} has no model_name: it does not describe a recognite model.")
+        kwargs = config.get("model_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"{source}: model_kwargs must be a dict, got {kwargs!r}.")
+        try:
+            model = cls(
+                config["model_name"],
+                num_classes=config.get("num_classes"),
+                weights=None,
+                bias=bool(config.get("bias", False)),
+                normalize=bool(config.get("normalize", True)),
+                num_subcenters=int(config.get("num_subcenters", 1)),
+                **kwargs,
+            )
+        except TypeError as exc:
+            raise ValueError(f"{source} describes a model that cannot be built: {exc}") from exc
+        expected_dim = config.get("embedding_dim")
+        if expected_dim is not None and expected_dim != model.embedding_dim:
+            raise ValueError(f"{source} says embedding_dim={expected_dim}, but {config['model_name']!r} gives "
+                             f"{model.embedding_dim}.")
+        if config.get("preprocessing") is not None:
+            model.preprocessing = Preprocessing.from_dict(config["preprocessing"], source=source)
+        return model
+
+    def load_weights(self, state: dict[str, torch.Tensor], source: str = "the state dict",
+                     named_in: str | None = None) -> None:
+        """Load a full Recognizer state dict (a ``module.`` prefix from DDP is removed).
+
+        Raises:
+            ValueError: Missing or unexpected keys, or shape mismatches (listed, naming ``source`` and
+                the file ``named_in`` that names the architecture).
+        """
+        if isinstance(state, dict) and state and all(k.startswith("module.") for k in state):
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+        problems = _describe_mismatch(self, state)
+        if problems:
+            what = f"the architecture {self.model_name!r} named in {named_in}" if named_in else repr(self.model_name)
+            raise ValueError(f"The weights in {source} do not fit {what}: {'; '.join(problems)}.")
+        self.load_state_dict(state)
+
+    @classmethod
     def from_bundle(cls, path: str | Path, device: str | torch.device | None = None) -> Recognizer:
         """Load the model of a bundle folder written by :func:`recognite.bundle.save_bundle` (eval mode).
 
         The bundle's weights are checked against their SHA-256; its preprocessing, image size and
         threshold are available from :func:`recognite.bundle.load_bundle`.
         """
-        from recognite.bundle import load_bundle  # local import: bundle imports this module
-
-        return load_bundle(path, device=device).model
+        model, _, _ = load_bundle_model(Path(path).expanduser())
+        return model.to(resolve_device(device)).eval()
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.backbone(x)
@@ -226,3 +282,32 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path |
         )
     if problems:
         raise ValueError(f"The weights file {path} does not fit this architecture: {'; '.join(problems)}.")
+
+
+def _describe_mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f" ... ({len(items)} in all)" if len(items) > _MAX_LISTED else ""
+            problems.append(f"{what} {items[:_MAX_LISTED]}{more}")
+    return problems
+
+
+def load_bundle_model(folder: Path, verify: bool = True) -> tuple[Recognizer, dict[str, Any], str]:
+    """The Recognizer of a bundle folder (on the CPU, eval mode), its manifest and weights SHA-256.
+
+    The one place that turns a bundle's files into a model (:meth:`Recognizer.from_bundle` and
+    :func:`recognite.bundle.load_bundle` both call it).
+    """
+    manifest = read_manifest(folder)
+    state, digest = read_weights(folder, manifest, verify=verify)
+    source = f"{BUNDLE_FILE} in {folder}"
+    model = Recognizer.from_config({**manifest["model"], "preprocessing": manifest["preprocessing"]}, source=source)
+    model.load_weights(state, source=str(folder / str(manifest.get("weights_file", "model.safetensors"))),
+                       named_in=BUNDLE_FILE)
+    return model.eval(), manifest, digest

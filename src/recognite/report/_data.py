@@ -16,8 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from recognite.eval import pairwise_scores, pr_metrics
+from recognite.eval import evaluate_embeddings, pairwise_scores, pr_metrics
+from recognite.eval import open_set_rates as open_set_rates_of_stats
 from recognite.eval.scores import check_metric
+from recognite.utils.validate import check_int
 
 RECALL_GRID = np.linspace(0.0, 1.0, 101)
 """Recall levels at which per-query PR curves are interpolated before they are averaged."""
@@ -124,6 +126,70 @@ def _interpolated_precision(precisions: torch.Tensor, recalls: torch.Tensor) -> 
     return out
 
 
+def _check_inputs(
+    query_embs: torch.Tensor, query_labels: torch.Tensor, gallery_embs: torch.Tensor, gallery_labels: torch.Tensor,
+    sizes: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    for name, value in sizes.items():
+        check_int(value, name, minimum=1)
+    query_labels = torch.as_tensor(query_labels).reshape(-1).long().cpu()
+    gallery_labels = torch.as_tensor(gallery_labels).reshape(-1).long().cpu()
+    query_embs, gallery_embs = query_embs.detach().cpu(), gallery_embs.detach().cpu()
+    if query_embs.shape[0] != query_labels.numel() or gallery_embs.shape[0] != gallery_labels.numel():
+        raise ValueError(
+            f"embeddings and labels differ in length: {query_embs.shape[0]} query embeddings for "
+            f"{query_labels.numel()} labels, {gallery_embs.shape[0]} gallery embeddings for "
+            f"{gallery_labels.numel()} labels."
+        )
+    if query_labels.numel() == 0 or gallery_labels.numel() == 0:
+        raise ValueError(
+            f"need at least one query and one gallery item, got Q={query_labels.numel()}, G={gallery_labels.numel()}."
+        )
+    min_label = int(min(query_labels.min(), gallery_labels.min()))
+    if min_label < 0:
+        raise ValueError(f"labels must be >= 0, got {min_label}.")
+    return query_embs, query_labels, gallery_embs, gallery_labels
+
+
+class _ChunkParts:
+    """What the report keeps of each chunk of scores besides the engine's per-query statistics."""
+
+    def __init__(self, k: int, neg_rate: float, seed: int) -> None:
+        self.k = k
+        self.neg_rate = neg_rate
+        self.generator = torch.Generator().manual_seed(seed)
+        self.best_index: list[torch.Tensor] = []
+        self.top_index: list[torch.Tensor] = []
+        self.top_score: list[torch.Tensor] = []
+        self.positives: list[torch.Tensor] = []
+        self.negatives: list[torch.Tensor] = []
+        self.precision_sum = np.zeros_like(RECALL_GRID)
+        self.curves = 0
+
+    def add(self, scores: torch.Tensor, labels: torch.Tensor, gallery_labels: torch.Tensor) -> None:
+        same = labels[:, None] == gallery_labels[None, :]
+        has_pos = same.any(dim=1)
+        best_index = scores.masked_fill(~same, -math.inf).argmax(dim=1)
+        self.best_index.append(torch.where(has_pos, best_index, torch.full_like(best_index, -1)))
+        order = torch.sort(scores, dim=1, descending=True, stable=True)
+        self.top_index.append(order.indices[:, : self.k].clone())
+        self.top_score.append(order.values[:, : self.k].double())
+        del order
+        pr = pr_metrics(scores, gallery_labels, labels)
+        for q in torch.nonzero(has_pos).flatten().tolist():
+            self.precision_sum += _interpolated_precision(pr["Precisions"][q], pr["Recalls"][q])
+            self.curves += 1
+        self.positives.append(scores[same].double())
+        negatives = ~same
+        if self.neg_rate < 1.0:
+            negatives &= torch.rand(scores.shape, generator=self.generator) < self.neg_rate
+        self.negatives.append(scores[negatives].double())
+
+
+def _nan_where(values: torch.Tensor, absent: torch.Tensor) -> torch.Tensor:
+    return values.double().masked_fill(absent, math.nan)
+
+
 def compute_report_data(
     query_embs: torch.Tensor,
     query_labels: torch.Tensor,
@@ -137,6 +203,11 @@ def compute_report_data(
     memory_budget: int | None = None,
 ) -> ReportData:
     """Compute everything a report shows from query and gallery embeddings.
+
+    The per-query statistics (AP, first rank, best / hardest positive, hardest negative) come
+    from the bounded-memory engine (:func:`recognite.eval.evaluate_embeddings`), the same numbers
+    training validation and ``recognite evaluate`` use; the chunked pass here adds what only the
+    report shows (top-k items, interpolated PR curves, pair-score samples, the pooled curve).
 
     Args:
         query_embs: ``(Q, D)`` query embeddings.
@@ -155,112 +226,43 @@ def compute_report_data(
         A :class:`ReportData`.
     """
     metric = check_metric(metric)
-    for name, value in (("top_k", top_k), ("cmc_max_rank", cmc_max_rank), ("max_pairs", max_pairs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    query_labels = torch.as_tensor(query_labels).reshape(-1).long().cpu()
-    gallery_labels = torch.as_tensor(gallery_labels).reshape(-1).long().cpu()
-    query_embs, gallery_embs = query_embs.detach().cpu(), gallery_embs.detach().cpu()
-    if query_embs.shape[0] != query_labels.numel() or gallery_embs.shape[0] != gallery_labels.numel():
-        raise ValueError(
-            f"embeddings and labels differ in length: {query_embs.shape[0]} query embeddings for "
-            f"{query_labels.numel()} labels, {gallery_embs.shape[0]} gallery embeddings for "
-            f"{gallery_labels.numel()} labels."
-        )
+    query_embs, query_labels, gallery_embs, gallery_labels = _check_inputs(
+        query_embs, query_labels, gallery_embs, gallery_labels,
+        {"top_k": top_k, "cmc_max_rank": cmc_max_rank, "max_pairs": max_pairs},
+    )
     num_queries, num_gallery = query_labels.numel(), gallery_labels.numel()
-    if num_queries == 0 or num_gallery == 0:
-        raise ValueError(f"need at least one query and one gallery item, got Q={num_queries}, G={num_gallery}.")
     budget = memory_budget if memory_budget is not None else _DEFAULT_BUDGET
     chunk = _rows_per_chunk(num_gallery, budget)
-    k = min(top_k, num_gallery)
-
-    # Positive pairs per query, known before scoring: decides the negative sampling rate.
-    max_label = int(max(query_labels.max(), gallery_labels.max())) + 1
-    min_label = int(min(query_labels.min(), gallery_labels.min()))
-    if min_label < 0:
-        raise ValueError(f"labels must be >= 0, got {min_label}.")
-    gallery_count = torch.bincount(gallery_labels, minlength=max_label)
-    num_pos = gallery_count[query_labels]
+    length = min(cmc_max_rank, num_gallery)
+    engine = evaluate_embeddings(query_embs, query_labels, gallery_embs, gallery_labels, metric=metric, ks=(1,),
+                                 memory_budget=budget, cmc_max_rank=length)
+    stats = engine["per_query"].cpu()
+    num_pos = stats.num_pos
+    no_pos, no_neg = num_pos == 0, stats.num_neg == 0
     num_pos_pairs = int(num_pos.sum())
     num_neg_pairs = num_queries * num_gallery - num_pos_pairs
-    neg_rate = min(1.0, max_pairs / max(1, num_neg_pairs))
-    generator = torch.Generator().manual_seed(seed)
-
-    best_index_parts: list[torch.Tensor] = []
-    ap_parts, rank_parts, best_pos_parts, hard_pos_parts, hard_neg_parts = [], [], [], [], []
-    top_index_parts, top_score_parts, pos_parts, neg_parts = [], [], [], []
-    precision_sum = np.zeros_like(RECALL_GRID)
-    curves = 0
+    parts = _ChunkParts(min(top_k, num_gallery), min(1.0, max_pairs / max(1, num_neg_pairs)), seed)
     for start in range(0, num_queries, chunk):
         scores = pairwise_scores(query_embs[start:start + chunk], gallery_embs, metric)
-        labels = query_labels[start:start + chunk]
-        same = labels[:, None] == gallery_labels[None, :]
-        has_pos = same.any(dim=1)
-        has_neg = (~same).any(dim=1)
-        best_pos, best_index = scores.masked_fill(~same, -math.inf).max(dim=1)
-        best_index_parts.append(torch.where(has_pos, best_index, torch.full_like(best_index, -1)))
-        hard_pos = scores.masked_fill(~same, math.inf).min(dim=1).values
-        hard_neg = scores.masked_fill(same, -math.inf).max(dim=1).values
-        first_rank = 1 + ((scores >= best_pos[:, None]) & ~same).sum(dim=1)
-        first_rank = torch.where(has_pos, first_rank, torch.full_like(first_rank, num_gallery + 1))
-        nan = torch.tensor(math.nan, dtype=scores.dtype)
-        best_pos_parts.append(torch.where(has_pos, best_pos, nan).double())
-        hard_pos_parts.append(torch.where(has_pos, hard_pos, nan).double())
-        hard_neg_parts.append(torch.where(has_neg, hard_neg, nan).double())
-        rank_parts.append(first_rank)
-        order = torch.sort(scores, dim=1, descending=True, stable=True)
-        top_index_parts.append(order.indices[:, :k].clone())
-        top_score_parts.append(order.values[:, :k].double())
-        del order
-        pr = pr_metrics(scores, gallery_labels, labels)
-        ap_parts.append(pr["AP"])
-        for q in torch.nonzero(has_pos).flatten().tolist():
-            precision_sum += _interpolated_precision(pr["Precisions"][q], pr["Recalls"][q])
-            curves += 1
-        pos_parts.append(scores[same].double())
-        negatives = ~same
-        if neg_rate < 1.0:
-            negatives &= torch.rand(scores.shape, generator=generator) < neg_rate
-        neg_parts.append(scores[negatives].double())
-
-    positives = torch.cat(pos_parts)
+        parts.add(scores, query_labels[start:start + chunk], gallery_labels)
+    positives = torch.cat(parts.positives)
     pooled_recall, pooled_precision, pooled_thresholds, pooled_ap = _pooled_pr(
         positives, query_embs, query_labels, gallery_embs, gallery_labels, metric, chunk)
     if positives.numel() > max_pairs:
-        keep = torch.randperm(positives.numel(), generator=generator)[:max_pairs]
-        positives = positives[keep]
-    first_rank = torch.cat(rank_parts)
-    valid_ranks = first_rank[num_pos > 0]
-    length = min(cmc_max_rank, num_gallery)
-    if valid_ranks.numel():
-        cmc = np.array([float((valid_ranks <= r).double().mean()) for r in range(1, length + 1)])
-    else:
-        cmc = np.full(length, math.nan)
-    chance_cmc = _chance_cmc(num_pos, num_gallery, length)
+        positives = positives[torch.randperm(positives.numel(), generator=parts.generator)[:max_pairs]]
+    first_rank = stats.first_rank.masked_fill(no_pos, num_gallery + 1)
+    cmc = engine["cmc"].cpu().numpy()
     return ReportData(
-        metric=metric,
-        query_labels=query_labels,
-        gallery_labels=gallery_labels,
-        num_pos=num_pos,
-        ap=torch.cat(ap_parts).double(),
-        first_rank=first_rank,
-        best_pos=torch.cat(best_pos_parts),
-        hard_pos=torch.cat(hard_pos_parts),
-        hard_neg=torch.cat(hard_neg_parts),
-        best_pos_index=torch.cat(best_index_parts),
-        top_indices=torch.cat(top_index_parts),
-        top_scores=torch.cat(top_score_parts),
-        pooled_recall=pooled_recall,
-        pooled_precision=pooled_precision,
-        pooled_thresholds=pooled_thresholds,
+        metric=metric, query_labels=query_labels, gallery_labels=gallery_labels, num_pos=num_pos,
+        ap=engine["AP"].cpu().double(), first_rank=first_rank,
+        best_pos=_nan_where(stats.max_pos, no_pos), hard_pos=_nan_where(stats.min_pos, no_pos),
+        hard_neg=_nan_where(stats.max_neg, no_neg), best_pos_index=torch.cat(parts.best_index),
+        top_indices=torch.cat(parts.top_index), top_scores=torch.cat(parts.top_score),
+        pooled_recall=pooled_recall, pooled_precision=pooled_precision, pooled_thresholds=pooled_thresholds,
         pooled_ap=pooled_ap,
-        mean_precision=precision_sum / curves if curves else np.full_like(RECALL_GRID, math.nan),
-        cmc=cmc,
-        chance_cmc=chance_cmc,
-        pos_pair_scores=positives.numpy(),
-        neg_pair_scores=torch.cat(neg_parts).numpy(),
-        num_pos_pairs=num_pos_pairs,
-        num_neg_pairs=num_neg_pairs,
+        mean_precision=parts.precision_sum / parts.curves if parts.curves else np.full_like(RECALL_GRID, math.nan),
+        cmc=cmc, chance_cmc=_chance_cmc(num_pos, num_gallery, length), pos_pair_scores=positives.numpy(),
+        neg_pair_scores=torch.cat(parts.negatives).numpy(), num_pos_pairs=num_pos_pairs, num_neg_pairs=num_neg_pairs,
     )
 
 
@@ -393,20 +395,10 @@ def per_label_table(data: ReportData) -> list[dict[str, Any]]:
 
 
 def open_set_rates(data: ReportData, threshold: float) -> dict[str, float]:
-    """Open-set rates at ``threshold``, with the conventions of ``recognite train``.
-
-    Over queries with both a positive and a negative: ``DIR`` = fraction identified correctly and
-    accepted (``best_pos > hard_neg`` and ``max(best_pos, hard_neg) >= threshold``); ``FAR`` =
-    fraction that would be accepted if their label were not enrolled (``hard_neg >= threshold``).
-    """
-    valid = torch.isfinite(data.best_pos) & torch.isfinite(data.hard_neg)
-    if not valid.any():
-        return {"DIR": math.nan, "FAR": math.nan}
-    pos, neg = data.best_pos[valid], data.hard_neg[valid]
-    return {
-        "DIR": float(((pos > neg) & (torch.maximum(pos, neg) >= threshold)).double().mean()),
-        "FAR": float((neg >= threshold).double().mean()),
-    }
+    """Open-set rates at ``threshold``: :func:`recognite.eval.open_set_rates` on the report's
+    per-query statistics (DIR over queries with a positive, FAR over queries with a negative, each
+    with its own label withheld), the same convention as ``recognite train`` and ``evaluate``."""
+    return open_set_rates_of_stats(data.best_pos, data.hard_neg, threshold)
 
 
 def pooled_operating_point(data: ReportData, threshold: float) -> tuple[float, float] | None:

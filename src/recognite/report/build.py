@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from recognite.report import plots
 from recognite._atomic import atomic_write_text
+from recognite.utils.device import resolve_device
 from recognite.report._data import (
     RECALL_GRID,
     ReportData,
@@ -57,18 +58,6 @@ def _resolve_checkpoint(run_dir: Path, checkpoint: str | os.PathLike) -> Path:
     )
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}.")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but no CUDA device is available.")
-    return torch.device(device)
-
-
 def _resolve_csv(config: dict[str, Any], run_dir: Path, data_csv: str | os.PathLike | None) -> Path:
     if data_csv is not None:
         path = Path(data_csv)
@@ -85,16 +74,13 @@ def _resolve_csv(config: dict[str, Any], run_dir: Path, data_csv: str | os.PathL
     )
 
 
-def _load_model(state: dict[str, Any]) -> Any:
-    from recognite.model import Preprocessing, Recognizer
+def _load_model(state: dict[str, Any], source: str) -> Any:
+    """The checkpoint's Recognizer, built by the one factory (:meth:`Recognizer.from_config`)."""
+    from recognite.model import Recognizer
 
-    model_config = state.get("model_config") or {}
-    name = model_config.get("model_name") or state["config"]["model_name"]
-    model = Recognizer(name, num_classes=None, weights=None, normalize=bool(model_config.get("normalize", True)))
-    weights = {k: v for k, v in state["model"].items() if not k.startswith("classifier.")}
-    model.load_state_dict(weights, strict=True)
-    if "preprocessing" in model_config:
-        model.preprocessing = Preprocessing.from_dict(model_config["preprocessing"])
+    model_config = state.get("model_config") or {"model_name": (state.get("config") or {}).get("model_name")}
+    model = Recognizer.from_config(model_config, source=source)
+    model.load_weights(state["model"], source=source)
     return model
 
 
@@ -184,14 +170,14 @@ def build_report(
     if isinstance(num_worst, bool) or not isinstance(num_worst, int) or num_worst < 0:
         raise ValueError(f"num_worst must be an integer >= 0, got {num_worst!r}.")
     plots.check_matplotlib()
-    torch_device = _resolve_device(device)
+    torch_device = resolve_device(device)
     checkpoint_path = _resolve_checkpoint(run_dir, checkpoint)
     output_dir = Path(output_dir) if output_dir is not None else run_dir / "report"
 
     from recognite.data import train_val_datasets
     from recognite.data.transforms import eval_transform, three_crop_eval_transform
-    from recognite.train.checkpoint import load_checkpoint
-    from recognite.train.evaluation import validation_metrics
+    from recognite.checkpoint import checkpoint_threshold, load_checkpoint
+    from recognite.eval.summary import summary_metrics
     from recognite.utils import avg_ref_embs
 
     state = load_checkpoint(checkpoint_path)
@@ -199,7 +185,7 @@ def build_report(
     if not config:
         raise ValueError(f"{checkpoint_path} holds no training config; it was not written by recognite train.")
     csv_file = _resolve_csv(config, run_dir, data_csv)
-    model = _load_model(state)
+    model = _load_model(state, str(checkpoint_path))
     image_size = int(config.get("image_size", model.preprocessing.crop_size))
     if config.get("three_crop"):
         tfm_val: Any = _ThreeCropsOf(three_crop_eval_transform(model.preprocessing, image_size))
@@ -225,10 +211,12 @@ def build_report(
     metric = str(config.get("metric", "cosine"))
     data = compute_report_data(query_embs, query_labels, gallery_embs, gallery_labels, metric=metric,
                                top_k=TOP_K, cmc_max_rank=CMC_MAX_RANK)
-    summary = validation_metrics(query_embs, query_labels, gallery_embs, gallery_labels, metric,
-                                 str(config.get("threshold_method", "f1")), float(config.get("target_far", 0.05)))
-    threshold = state.get("threshold")
-    threshold = float(threshold) if threshold is not None else summary.threshold
+    # The threshold that belongs to this checkpoint's weights (its own epoch's, not the best one's).
+    threshold = checkpoint_threshold(state)
+    summary = summary_metrics(query_embs, query_labels, gallery_embs, gallery_labels, metric=metric, ks=(1, 5),
+                              threshold=threshold, threshold_method=str(config.get("threshold_method", "f1")),
+                              target_far=float(config.get("target_far", 0.05)))
+    threshold = summary.threshold
     label_names = {index: str(name) for name, index in ds_gallery.label_to_int.items()}
     history = _read_history(run_dir)
     context = _ReportContext(

@@ -29,7 +29,7 @@ from recognite.losses import build_loss
 from recognite.model import Recognizer
 from recognite.train import _distributed as distributed
 from recognite.train._interrupt import GracefulInterrupt
-from recognite.train.checkpoint import (
+from recognite.checkpoint import (
     load_checkpoint,
     rng_states,
     save_checkpoint,
@@ -38,6 +38,7 @@ from recognite.train.checkpoint import (
 from recognite.train.config import TrainConfig, atomic_write_text
 from recognite.train.evaluation import ValidationResult, validate
 from recognite.train.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from recognite.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +149,13 @@ class _SkipBatches(Sampler[list[int]]):
 
 
 def _device(config: TrainConfig, info: distributed.DistInfo) -> torch.device:
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but no CUDA device is available.")
+    try:
+        device = resolve_device(config.device)
+    except ValueError as exc:
+        raise ValueError(f"--device: {exc}") from exc
+    if device.type == "cuda" and device.index is None:
         return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
+    return device
 
 
 def _amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -229,25 +232,66 @@ def train_fold(config: TrainConfig) -> TrainResult:
         distributed.cleanup(info)
 
 
-def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
-    device = _device(config, info)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    run_dir = Path(config.output_dir)
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+@dataclass
+class _Fold:
+    """What one fold's training is made of; built once by :func:`_setup_fold`."""
 
-    resume_path = None
+    config: TrainConfig
+    info: distributed.DistInfo
+    device: torch.device
+    run_dir: Path
+    model: Recognizer
+    train_model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    frozen_bn: list[nn.Module]
+    ds_train: Dataset
+    ds_gallery: Dataset
+    ds_query: Dataset
+    pk: PKBatchSampler | None
+    steps_per_epoch: int
+    label_names: list[str]
+    csv_logger: CSVLogger | None = None
+    extra_loggers: list[Any] = field(default_factory=list)
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    @property
+    def show(self) -> bool:
+        return self.config.progress and self.info.is_main
+
+
+@dataclass
+class _Progress:
+    """The mutable state of a fold's training: what a checkpoint records besides the modules."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_value: float = -math.inf
+    threshold: float | None = None
+    epoch: int = 0  # position for Ctrl-C checkpoints: (epoch, completed batches in it)
+    batch: int = 0
+    epoch_loss: tuple[float, int] = (0.0, 0)  # (sum, count) of this epoch's losses so far
+    rng_after_step: Any = None
+    table_started: bool = False
+
+
+def _resume_path(config: TrainConfig, last_path: Path) -> Path | None:
     if config.resume == "auto":
-        resume_path = last_path if last_path.is_file() else None
-    elif config.resume:
-        resume_path = Path(config.resume)
-    resume_state = load_checkpoint(resume_path) if resume_path else None
+        return last_path if last_path.is_file() else None
+    return Path(config.resume) if config.resume else None
 
-    torch.manual_seed(config.seed)  # model init (DDP broadcasts rank 0's parameters anyway)
-    model = Recognizer(config.model_name, weights=config.weights, num_subcenters=1)
-    loss_fn = build_loss(config.loss, **_loss_kwargs(config))
-    if config.content_crop:
-        model.preprocessing = replace(model.preprocessing, content_crop=True, content_margin=config.content_margin)
+
+def _datasets(config: TrainConfig, model: Recognizer) -> tuple[Dataset, Dataset, Dataset]:
     preprocessing = model.preprocessing
     tfm_train = train_transform(preprocessing, config.image_size, config.rrc_scale, config.rrc_ratio, config.hflip,
                                 config.affine(), config.elastic())
@@ -257,205 +301,281 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
         val_fold=int(config.val_fold), fold_seed=config.fold_seed, num_refs=config.num_refs, ref_seed=config.ref_seed,
         tfm_train=tfm_train, tfm_val=tfm_val,
     )
+    if config.checkpoint_metric == "top5" and len(ds_gallery) < 5:
+        raise ValueError(f"--checkpoint-metric top5 needs at least 5 gallery items, but the validation gallery of "
+                         f"{config.data_csv} has {len(ds_gallery)}; choose top1 or mAP.")
     if config.rotation_classes:
         ds_train = RotationClasses(ds_train)
+    return ds_train, ds_gallery, ds_query
+
+
+def _steps_per_epoch(config: TrainConfig, ds_train: Dataset, info: distributed.DistInfo) -> tuple[PKBatchSampler | None, int]:
+    if config.sampler == "pk":
+        pk = PKBatchSampler(ds_train.int_labels, p=config.batch_size // config.pk_k, k=config.pk_k, seed=config.seed,
+                            num_replicas=info.world_size, rank=info.rank)
+        steps = len(pk)
+    else:
+        pk = None
+        steps = len(ds_train) // (config.batch_size * info.world_size)
+    if config.max_steps_per_epoch:
+        steps = min(steps, config.max_steps_per_epoch)
+    if steps == 0:
+        raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(ds_train)} images).")
+    return pk, steps
+
+
+def _setup_fold(config: TrainConfig, info: distributed.DistInfo) -> tuple[_Fold, _Progress, dict[str, Any] | None]:
+    """Build model, data, optimizer and schedule (in the order that fixes the RNG stream)."""
+    device = _device(config, info)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    run_dir = Path(config.output_dir)
+    resume_path = _resume_path(config, run_dir / "last.pt")
+    resume_state = load_checkpoint(resume_path) if resume_path else None
+
+    torch.manual_seed(config.seed)  # model init (DDP broadcasts rank 0's parameters anyway)
+    model = Recognizer(config.model_name, weights=config.weights, num_subcenters=1)
+    loss_fn = build_loss(config.loss, **_loss_kwargs(config))
+    if config.content_crop:
+        model.preprocessing = replace(model.preprocessing, content_crop=True, content_margin=config.content_margin)
+    ds_train, ds_gallery, ds_query = _datasets(config, model)
     num_classes = len(ds_train.unique_labels)
-    num_outputs = loss_fn.num_outputs(num_classes)
-    model.num_subcenters = num_outputs // num_classes
+    model.num_subcenters = loss_fn.num_outputs(num_classes) // num_classes
     model.set_classifier(num_classes, bias=False)
-    model.to(device)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model.to(device)
     model.to(memory_format=memory_format)
     frozen_bn = _freeze(model, config.frozen_layers)
     loss_fn.to(device)
 
-    params = [p for p in model.parameters() if p.requires_grad] + list(loss_fn.parameters())
-    optimizer = _make_optimizer(config, params)
-    if config.sampler == "pk":
-        pk = PKBatchSampler(ds_train.int_labels, p=config.batch_size // config.pk_k, k=config.pk_k, seed=config.seed,
-                            num_replicas=info.world_size, rank=info.rank)
-        steps_per_epoch = len(pk)
-    else:
-        pk = None
-        steps_per_epoch = len(ds_train) // (config.batch_size * info.world_size)
-    if config.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch-size {config.batch_size} is larger than the training set ({len(ds_train)} images).")
-    total_steps = steps_per_epoch * config.epochs
-    warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(warmup_steps, total_steps))
+    optimizer = _make_optimizer(config, [p for p in model.parameters() if p.requires_grad] + list(loss_fn.parameters()))
+    pk, steps_per_epoch = _steps_per_epoch(config, ds_train, info)
+    schedule = _lr_lambda(round(config.warmup_epochs * steps_per_epoch), steps_per_epoch * config.epochs)
     amp_dtype = _amp_dtype(config, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    history: list[dict[str, Any]] = []
-    best_value = -math.inf
-    threshold: float | None = None
-    start_epoch, start_batch = 0, 0
-    resumed_epoch_loss: tuple[float, int] = (0.0, 0)
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        loss_fn.load_state_dict(resume_state["loss"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state["scaler"])
-        history = list(resume_state["history"])
-        best_value = resume_state["best_value"]
-        threshold = resume_state.get("threshold")
-        start_epoch, start_batch = resume_state["epoch"], resume_state["batch_in_epoch"]
-        resumed_epoch_loss = tuple(resume_state.get("epoch_loss", (0.0, 0)))
-        if resume_state.get("world_size", 1) != info.world_size:
-            raise ValueError(
-                f"Checkpoint {resume_path} was written by {resume_state.get('world_size', 1)} process(es); "
-                f"resume with the same number (now {info.world_size})."
-            )
-        saved_rng = resume_state["rng"]
-        set_rng_states(saved_rng[info.rank] if isinstance(saved_rng, list) else saved_rng)
-        logger.info("Resumed from %s at epoch %d, batch %d.", resume_path, start_epoch, start_batch)
-    else:
-        torch.manual_seed(config.seed + info.rank)
-
-    train_model: nn.Module = model
+    fold = _Fold(
+        config=config, info=info, device=device, run_dir=run_dir, model=model, train_model=model, loss_fn=loss_fn,
+        optimizer=optimizer, scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype=amp_dtype,
+        memory_format=memory_format, frozen_bn=frozen_bn, ds_train=ds_train, ds_gallery=ds_gallery,
+        ds_query=ds_query, pk=pk, steps_per_epoch=steps_per_epoch,
+        label_names=sorted(ds_train.label_to_int, key=ds_train.label_to_int.get),
+    )
+    progress = _restore(fold, resume_state, resume_path)
     if info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        fold.train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return fold, progress, resume_state
 
-    label_names = sorted(ds_train.label_to_int, key=ds_train.label_to_int.get)
-    csv_logger = CSVLogger(run_dir / "metrics.csv", history)
-    extra_loggers: list[Any] = []
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config.save(run_dir / "config.yaml")
-        if config.tensorboard:
-            extra_loggers.append(TensorBoardLogger(run_dir / "tensorboard"))
-        if config.wandb_project:
-            extra_loggers.append(WandbLogger(config.wandb_project, config.to_dict(), run_dir))
 
-    def checkpoint_state(epoch: int, batch_in_epoch: int, rng: Any = None) -> dict[str, Any]:
-        if rng is None:
-            rng = rng_states()
-            if info.enabled:
-                gathered: list[Any] = [None] * info.world_size
-                torch.distributed.all_gather_object(gathered, rng)
-                rng = gathered
-        return {
-            "model": model.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch, "step": epoch * steps_per_epoch + batch_in_epoch, "rng": rng,
-            "config": config.to_dict(), "model_config": model.config(), "label_names": label_names,
-            "history": history, "best_value": best_value, "epoch_loss": epoch_loss, "threshold": threshold, "world_size": info.world_size,
-        }
+def _restore(fold: _Fold, resume_state: dict[str, Any] | None, resume_path: Path | None) -> _Progress:
+    """The progress of a resumed run (modules loaded in place), or a fresh one (RNG seeded)."""
+    if resume_state is None:
+        torch.manual_seed(fold.config.seed + fold.info.rank)
+        return _Progress()
+    fold.model.load_state_dict(resume_state["model"])
+    fold.loss_fn.load_state_dict(resume_state["loss"])
+    fold.optimizer.load_state_dict(resume_state["optimizer"])
+    fold.scheduler.load_state_dict(resume_state["scheduler"])
+    fold.scaler.load_state_dict(resume_state["scaler"])
+    progress = _Progress(
+        history=list(resume_state["history"]), best_value=resume_state["best_value"],
+        threshold=resume_state.get("threshold"), epoch=resume_state["epoch"], batch=resume_state["batch_in_epoch"],
+        epoch_loss=tuple(resume_state.get("epoch_loss", (0.0, 0))),
+    )
+    if resume_state.get("world_size", 1) != fold.info.world_size:
+        raise ValueError(
+            f"Checkpoint {resume_path} was written by {resume_state.get('world_size', 1)} process(es); "
+            f"resume with the same number (now {fold.info.world_size})."
+        )
+    saved_rng = resume_state["rng"]
+    set_rng_states(saved_rng[fold.info.rank] if isinstance(saved_rng, list) else saved_rng)
+    logger.info("Resumed from %s at epoch %d, batch %d.", resume_path, progress.epoch, progress.batch)
+    return progress
 
-    table_started = False
 
-    def run_validation(epoch: int, train_loss: float | None, lr: float, images_per_s: float | None = None) -> ValidationResult:
-        nonlocal table_started
-        result = validate(model, _shard(ds_gallery, info), _shard(ds_query, info), config, device, info)
-        row = {"epoch": epoch, "step": epoch * steps_per_epoch, "train_loss": train_loss, "lr": lr,
-               "train_images_per_s": images_per_s, **result.metrics}
-        history.append(row)
-        if info.is_main:
-            csv_logger.log(row)
-            for extra in extra_loggers:
-                extra.log(row)
-            if not table_started:
-                logger.info(_table_header())
-            logger.info(_format_row(row))
-        table_started = True
-        return result
+def _open_loggers(fold: _Fold, progress: _Progress) -> None:
+    fold.csv_logger = CSVLogger(fold.run_dir / "metrics.csv", progress.history)
+    if not fold.info.is_main:
+        return
+    fold.run_dir.mkdir(parents=True, exist_ok=True)
+    fold.config.save(fold.run_dir / "config.yaml")
+    if fold.config.tensorboard:
+        fold.extra_loggers.append(TensorBoardLogger(fold.run_dir / "tensorboard"))
+    if fold.config.wandb_project:
+        fold.extra_loggers.append(WandbLogger(fold.config.wandb_project, fold.config.to_dict(), fold.run_dir))
 
-    show = config.progress and info.is_main
+
+def _checkpoint_state(fold: _Fold, progress: _Progress, epoch: int, batch_in_epoch: int, rng: Any = None) -> dict[str, Any]:
+    if rng is None:
+        rng = rng_states()
+        if fold.info.enabled:
+            gathered: list[Any] = [None] * fold.info.world_size
+            torch.distributed.all_gather_object(gathered, rng)
+            rng = gathered
+    return {
+        "model": fold.model.state_dict(), "loss": fold.loss_fn.state_dict(), "optimizer": fold.optimizer.state_dict(),
+        "scheduler": fold.scheduler.state_dict(), "scaler": fold.scaler.state_dict(), "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch, "step": epoch * fold.steps_per_epoch + batch_in_epoch, "rng": rng,
+        "config": fold.config.to_dict(), "model_config": fold.model.config(), "label_names": fold.label_names,
+        "history": progress.history, "best_value": progress.best_value, "epoch_loss": progress.epoch_loss,
+        "threshold": progress.threshold, "world_size": fold.info.world_size,
+    }
+
+
+def _validate_and_log(fold: _Fold, progress: _Progress, epoch: int, train_loss: float | None, lr: float,
+                      images_per_s: float | None = None) -> ValidationResult:
+    result = validate(fold.model, _shard(fold.ds_gallery, fold.info), _shard(fold.ds_query, fold.info), fold.config,
+                      fold.device, fold.info)
+    row = {"epoch": epoch, "step": epoch * fold.steps_per_epoch, "train_loss": train_loss, "lr": lr,
+           "train_images_per_s": images_per_s, **result.metrics}
+    progress.history.append(row)
+    if fold.info.is_main:
+        fold.csv_logger.log(row)
+        for extra in fold.extra_loggers:
+            extra.log(row)
+        if not progress.table_started:
+            logger.info(_table_header())
+        logger.info(_format_row(row))
+    progress.table_started = True
+    return result
+
+
+def _epoch_loader(fold: _Fold, epoch: int, start_batch: int) -> tuple[DataLoader, int]:
+    config = fold.config
+    if fold.pk is not None:
+        fold.pk.set_epoch(epoch)
+        batch_sampler: Sampler[list[int]] = _SkipBatches(fold.pk, start_batch, fold.steps_per_epoch)
+    else:
+        batch_sampler = _EpochBatches(len(fold.ds_train), config.batch_size, config.seed, epoch, fold.info,
+                                      fold.steps_per_epoch, start_batch)
+    loader_gen = torch.Generator().manual_seed(config.seed * 7919 + epoch * 104_729 + fold.info.rank)
+    loader = DataLoader(fold.ds_train, batch_sampler=batch_sampler, num_workers=config.num_workers,
+                        generator=loader_gen, pin_memory=fold.device.type == "cuda", persistent_workers=False)
+    return loader, len(batch_sampler)
+
+
+def _train_step(fold: _Fold, images: torch.Tensor, labels: torch.Tensor, epoch: int, batch_index: int) -> float:
+    """One optimizer step; returns the loss (raises :class:`TrainingDivergedError` on NaN/inf)."""
+    device = fold.device
+    images = images.to(device, non_blocking=True, memory_format=fold.memory_format)
+    labels = labels.to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, dtype=fold.amp_dtype or torch.float32, enabled=fold.amp_dtype is not None):
+        scores = fold.train_model(images)
+    loss = fold.loss_fn(scores.float(), labels)
+    if distributed.any_true(not bool(torch.isfinite(loss)), fold.info, device):
+        kept = (f"The last good checkpoint ({fold.last_path}) is intact." if fold.last_path.is_file()
+                else "No checkpoint was written yet.")
+        raise TrainingDivergedError(
+            f"The loss became {loss.item()} at epoch {epoch + 1}, batch {batch_index + 1}; training stopped. "
+            f"{kept} Try a lower --lr or a higher --temperature."
+        )
+    fold.optimizer.zero_grad(set_to_none=True)
+    fold.scaler.scale(loss).backward()
+    fold.scaler.step(fold.optimizer)
+    fold.scaler.update()
+    fold.scheduler.step()
+    return loss.item()
+
+
+def _train_epoch(fold: _Fold, progress: _Progress, epoch: int, stop: GracefulInterrupt) -> tuple[float, float]:
+    """Train one epoch (from ``progress.batch`` when resumed mid-epoch); returns (mean loss, images/s)."""
+    start_batch = progress.batch if epoch == progress.epoch else 0
+    loader, num_batches = _epoch_loader(fold, epoch, start_batch)
+    fold.train_model.train()
+    for module in fold.frozen_bn:
+        module.eval()
+    loss_sum, loss_count = (0.0, 0) if start_batch == 0 else progress.epoch_loss
+    batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not fold.show,
+                   initial=start_batch, total=start_batch + num_batches)
+    epoch_start = time.perf_counter()
+    for batch_index, (images, labels) in enumerate(batches, start=start_batch):
+        loss = _train_step(fold, images, labels, epoch, batch_index)
+        loss_sum += loss
+        loss_count += 1
+        progress.epoch_loss = (loss_sum, loss_count)
+        if fold.show:
+            batches.set_postfix(loss=f"{loss:.3f}", lr=f"{fold.scheduler.get_last_lr()[0]:.2e}")
+        progress.epoch, progress.batch = epoch, batch_index + 1
+        progress.rng_after_step = rng_states()  # before the next batch is loaded and augmented
+        if distributed.any_true(stop.requested, fold.info, fold.device):
+            raise KeyboardInterrupt
+    progress.epoch, progress.batch = epoch, start_batch + num_batches
+    progress.rng_after_step = None
+    train_seconds = time.perf_counter() - epoch_start
+    images_per_s = num_batches * fold.config.batch_size * fold.info.world_size / max(train_seconds, 1e-9)
+    return distributed.mean_across(loss_sum / max(1, loss_count), fold.info, fold.device), images_per_s
+
+
+def _save_epoch(fold: _Fold, progress: _Progress, epoch: int, result: ValidationResult) -> None:
+    """Checkpoint after a validated epoch: ``last.pt`` always, ``best.pt`` when it improved.
+
+    A NaN checkpoint metric never counts as an improvement, except that the first validated
+    epoch is kept as best when nothing better exists (so a run always ends with a best.pt).
+    """
+    value = result.metrics[fold.config.checkpoint_metric]
+    comparable = value if math.isfinite(value) else -math.inf
+    if not math.isfinite(value):
+        logger.warning("Epoch %d: checkpoint metric %s is %s.", epoch, fold.config.checkpoint_metric, value)
+    improved = comparable > progress.best_value or not fold.best_path.is_file() and progress.best_value == -math.inf
+    if improved:
+        progress.best_value = comparable
+        progress.threshold = result.threshold
+    state = _checkpoint_state(fold, progress, epoch, 0)
+    if fold.info.is_main:
+        save_checkpoint(state, fold.last_path)
+        if improved:
+            save_checkpoint(state, fold.best_path)
+    distributed.barrier(fold.info)
+    progress.epoch, progress.batch, progress.epoch_loss = epoch, 0, (0.0, 0)
+
+
+def _save_interrupted(fold: _Fold, progress: _Progress) -> None:
+    # Own RNG state only: other ranks may be interrupted too, so no collective calls here.
+    state = _checkpoint_state(fold, progress, progress.epoch, progress.batch, progress.rng_after_step or rng_states())
+    if fold.info.is_main:
+        save_checkpoint(state, fold.last_path)
+        logger.warning("Interrupted: saved %s (epoch %d, batch %d); resume with --resume %s",
+                       fold.last_path, progress.epoch + 1, progress.batch, fold.last_path)
+
+
+def _run_epochs(fold: _Fold, progress: _Progress, stop: GracefulInterrupt) -> None:
+    config = fold.config
+    if progress.epoch == 0 and progress.batch == 0 and not progress.history:
+        _validate_and_log(fold, progress, 0, None, 0.0)  # the untrained model, for comparison
+    start_epoch = progress.epoch
+    for epoch in tqdm(range(start_epoch, config.epochs), desc="epochs", disable=not fold.show, initial=start_epoch,
+                      total=config.epochs):
+        train_loss, images_per_s = _train_epoch(fold, progress, epoch, stop)
+        result = _validate_and_log(fold, progress, epoch + 1, train_loss, fold.scheduler.get_last_lr()[0], images_per_s)
+        _save_epoch(fold, progress, epoch + 1, result)
+
+
+def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
+    fold, progress, _ = _setup_fold(config, info)
+    _open_loggers(fold, progress)
     interrupted = False
-    position = (start_epoch, start_batch)  # (epoch, completed batches in it), for Ctrl-C checkpoints
-    rng_after_step: Any = None
-    epoch_loss = (0.0, 0)  # (sum, count) of this epoch's losses so far, for mid-epoch checkpoints
-    stop = GracefulInterrupt()
     try:
-        stop.__enter__()
-        if start_epoch == 0 and start_batch == 0 and not history:
-            run_validation(0, None, 0.0)  # the untrained model, for comparison
-        epochs = tqdm(range(start_epoch, config.epochs), desc="epochs", disable=not show, initial=start_epoch, total=config.epochs)
-        for epoch in epochs:
-            if pk is not None:
-                pk.set_epoch(epoch)
-                batch_sampler: Sampler[list[int]] = _SkipBatches(pk, start_batch, steps_per_epoch)
-            else:
-                batch_sampler = _EpochBatches(len(ds_train), config.batch_size, config.seed, epoch, info,
-                                              steps_per_epoch, start_batch)
-            loader_gen = torch.Generator().manual_seed(config.seed * 7919 + epoch * 104_729 + info.rank)
-            loader = DataLoader(ds_train, batch_sampler=batch_sampler, num_workers=config.num_workers,
-                                generator=loader_gen, pin_memory=device.type == "cuda",
-                                persistent_workers=False)
-            train_model.train()
-            for module in frozen_bn:
-                module.eval()
-            loss_sum, loss_count = (0.0, 0) if start_batch == 0 else resumed_epoch_loss
-            batches = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show,
-                           initial=start_batch, total=start_batch + len(batch_sampler))
-            epoch_start = time.perf_counter()
-            for batch_index, (images, labels) in enumerate(batches, start=start_batch):
-                images = images.to(device, non_blocking=True, memory_format=memory_format)
-                labels = labels.to(device, non_blocking=True)
-                with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    scores = train_model(images)
-                loss = loss_fn(scores.float(), labels)
-                if distributed.any_true(not bool(torch.isfinite(loss)), info, device):
-                    raise TrainingDivergedError(
-                        f"The loss became {loss.item()} at epoch {epoch + 1}, batch {batch_index + 1}; training stopped. "
-                        f"The last good checkpoint ({last_path}) is intact. Try a lower --lr or a higher --temperature."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                loss_sum += loss.item()
-                loss_count += 1
-                epoch_loss = (loss_sum, loss_count)
-                if show:
-                    batches.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                position = (epoch, batch_index + 1)
-                rng_after_step = rng_states()  # before the next batch is loaded and augmented
-                if distributed.any_true(stop.requested, info, device):
-                    raise KeyboardInterrupt
-            start_batch_of_epoch, start_batch = start_batch, 0
-            position = (epoch, start_batch_of_epoch + len(batch_sampler))
-            rng_after_step = None
-            train_seconds = time.perf_counter() - epoch_start
-            images_per_s = len(batch_sampler) * config.batch_size * info.world_size / max(train_seconds, 1e-9)
-            train_loss = distributed.mean_across(loss_sum / max(1, loss_count), info, device)
-            result = run_validation(epoch + 1, train_loss, scheduler.get_last_lr()[0], images_per_s)
-            value = result.metrics[config.checkpoint_metric]
-            improved = value > best_value
-            if improved:
-                best_value = value
-                threshold = result.threshold
-            state = checkpoint_state(epoch + 1, 0)
-            if info.is_main:
-                save_checkpoint(state, last_path)
-                if improved:
-                    save_checkpoint(state, best_path)
-            distributed.barrier(info)
-            position = (epoch + 1, 0)
-            epoch_loss = (0.0, 0)
+        with GracefulInterrupt() as stop:
+            _run_epochs(fold, progress, stop)
     except KeyboardInterrupt:
         interrupted = True
-        current_epoch, done_batches = position
-        # Own RNG state only: other ranks may be interrupted too, so no collective calls here.
-        state = checkpoint_state(current_epoch, done_batches, rng_after_step or rng_states())
-        if info.is_main:
-            save_checkpoint(state, last_path)
-            logger.warning("Interrupted: saved %s (epoch %d, batch %d); resume with --resume %s",
-                           last_path, current_epoch + 1, done_batches, last_path)
+        _save_interrupted(fold, progress)
         raise
     finally:
-        stop.__exit__(None, None, None)
-        for extra in extra_loggers:
+        for extra in fold.extra_loggers:
             extra.close()
-    if info.is_main and best_path.is_file():
-        _finish_run(config, run_dir, best_path)
-    best_row = max((r for r in history if r["epoch"] > 0), key=lambda r: r[config.checkpoint_metric], default=history[-1])
-    best_row = {**best_row, "threshold": threshold}
-    return TrainResult(run_dir=run_dir, history=history, best=best_row, threshold=threshold, interrupted=interrupted)
+    if info.is_main and fold.best_path.is_file():
+        _finish_run(config, fold.run_dir, fold.best_path)
+    history = progress.history
+    best_row = max((r for r in history if r["epoch"] > 0), key=lambda r: _comparable(r[config.checkpoint_metric]),
+                   default=history[-1])
+    best_row = {**best_row, "threshold": progress.threshold}
+    return TrainResult(run_dir=fold.run_dir, history=history, best=best_row, threshold=progress.threshold,
+                       interrupted=interrupted)
+
+
+def _comparable(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
 
 def _finish_run(config: TrainConfig, run_dir: Path, best_path: Path) -> None:

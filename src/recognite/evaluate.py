@@ -1,0 +1,122 @@
+"""Recognition metrics of a model bundle on a labelled CSV (the library side of ``recognite evaluate``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pandas as pd
+import torch
+
+from recognite.bundle import Bundle, load_bundle
+from recognite.data import load_csv, split_gallery_query
+from recognite.embedding import embed_images
+from recognite.eval import episode_accuracy
+from recognite.eval.summary import summary_metrics
+from recognite.utils.validate import check_int, check_threshold
+
+__all__ = ["evaluate_bundle"]
+
+_FROM_BUNDLE = "bundle"
+
+
+def _split(data_csv: str | os.PathLike, gallery_csv: str | os.PathLike | None, num_refs: int, ref_seed: int,
+           image_key: str, label_key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    df = load_csv(data_csv, image_key, label_key)
+    if gallery_csv:
+        return load_csv(gallery_csv, image_key, label_key), df
+    df_gallery, df_query = split_gallery_query(df, num_refs=num_refs, seed=ref_seed, label_key=label_key)
+    if len(df_query) == 0:
+        raise ValueError(f"No query images: every label of {data_csv} has at most --num-refs {num_refs} images.")
+    return df_gallery, df_query
+
+
+def _episodes(embs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tensor, torch.Tensor],
+              frames: tuple[pd.DataFrame, pd.DataFrame], episodes: int, n_way: int, k_shot: int,
+              group_key: str | None, seed: int) -> dict[str, float]:
+    groups = None
+    if group_key:
+        for frame in frames:
+            if group_key not in frame.columns:
+                raise ValueError(f"group_key {group_key!r} names no column of the CSV; its columns are "
+                                 f"{list(frame.columns)}.")
+        values = list(frames[0][group_key]) + list(frames[1][group_key])
+        group_ids = {g: i for i, g in enumerate(sorted(set(values)))}
+        groups = torch.tensor([group_ids[g] for g in values])
+    result = episode_accuracy(torch.cat(embs), torch.cat(labels), n_way=n_way, k_shot=k_shot,
+                              num_episodes=episodes, groups=groups, seed=seed)
+    return {f"{n_way}-way {k_shot}-shot": result["mean"], f"{n_way}-way {k_shot}-shot ci95": result["ci95"]}
+
+
+def evaluate_bundle(
+    bundle: Bundle | str | os.PathLike,
+    data_csv: str | os.PathLike,
+    gallery_csv: str | os.PathLike | None = None,
+    num_refs: int = 1,
+    ref_seed: int = 0,
+    threshold: float | None | str = _FROM_BUNDLE,
+    episodes: int = 0,
+    n_way: int = 5,
+    k_shot: int = 1,
+    group_key: str | None = None,
+    image_key: str = "image",
+    label_key: str = "label",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Embed the gallery and query images with a bundle and compute every recognition metric.
+
+    The CSV is split per label into ``num_refs`` gallery references and queries (as in training
+    validation), or ``gallery_csv`` gives the references. Metrics come from
+    :func:`recognite.eval.summary.summary_metrics`, the function training validation and the
+    report use, with the open-set convention of :mod:`recognite.eval.open_set`.
+
+    Args:
+        bundle: A loaded :class:`~recognite.bundle.Bundle` or a bundle folder.
+        data_csv: CSV of labelled images (the queries, or queries + references).
+        gallery_csv: Separate CSV of reference images.
+        num_refs: References per label when splitting ``data_csv``.
+        ref_seed: Seed of the reference choice and of the episodes.
+        threshold: Open-set threshold (cosine); ``'bundle'`` (default): the bundle's; ``None``: none.
+        episodes: Also run this many N-way K-shot episodes (0: none).
+        n_way: Classes per episode.
+        k_shot: References per class in an episode.
+        group_key: CSV column grouping labels; episodes draw their classes from one group.
+        image_key: CSV column of the image paths.
+        label_key: CSV column of the labels.
+        batch_size: Images per forward pass.
+        num_workers: Data-loading worker processes.
+        device: ``'auto'``, ``'cpu'``, ``'cuda'``... (used when ``bundle`` is a folder).
+        progress: Show progress bars while embedding.
+
+    Returns:
+        Dict: ``num_gallery``, ``num_queries``, ``num_labels``, ``top1``, ``top5``/``top10`` and
+        ``recall@k`` (for the k not above the number of gallery labels), ``mAP``, ``MAP@R``,
+        ``R-precision``, ``hard_pos_mean``, ``hard_neg_mean``; with a threshold ``threshold``,
+        ``DIR``, ``FAR``; with ``episodes`` the episode accuracy and its 95 % interval.
+
+    Raises:
+        ValueError: Bad arguments, no queries, a ``group_key`` that names no column.
+        FileNotFoundError: Missing CSV or images.
+    """
+    num_refs = check_int(num_refs, "num_refs", minimum=1)
+    check_int(episodes, "episodes", minimum=0)
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, device=device)
+    threshold = bundle.threshold if isinstance(threshold, str) and threshold == _FROM_BUNDLE else check_threshold(threshold)
+    df_gallery, df_query = _split(data_csv, gallery_csv, num_refs, ref_seed, image_key, label_key)
+    names = sorted(set(df_gallery[label_key]) | set(df_query[label_key]))
+    to_int = {name: i for i, name in enumerate(names)}
+    labels = tuple(torch.tensor([to_int[v] for v in frame[label_key]]) for frame in (df_gallery, df_query))
+    embs = tuple(embed_images(bundle.model, list(frame[image_key]), bundle.transform, batch_size=batch_size,
+                              num_workers=num_workers, progress=progress) for frame in (df_gallery, df_query))
+    ks = tuple(k for k in (1, 5, 10) if k <= len(set(labels[0].tolist()))) or (1,)
+    summary = summary_metrics(embs[1], labels[1], embs[0], labels[0], metric="cosine", ks=ks, threshold=threshold,
+                              calibrate=False)
+    metrics: dict[str, Any] = {"num_gallery": len(df_gallery), "num_queries": len(df_query), "num_labels": len(names),
+                               **summary.metrics}
+    if episodes:
+        metrics.update(_episodes(embs, labels, (df_gallery, df_query), episodes, n_way, k_shot, group_key, ref_seed))
+    return metrics
