@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from recognite.utils.validate import check_int
+
 
 def get_module_at_path(model: nn.Module, path: Sequence[str]) -> nn.Module:
     """Return the submodule of ``model`` reached by following ``path``.
@@ -140,12 +142,10 @@ def update_classifier(model: nn.Module, num_classes: int, bias: bool = False) ->
     Raises:
         ValueError: If ``num_classes`` is not a positive integer.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
-    from recognite.model.recognizer import Recognizer  # local import: recognizer imports this module
-
-    if isinstance(model, Recognizer):
-        model.set_classifier(num_classes, bias=bias)
+    check_int(num_classes, "num_classes", minimum=1)
+    set_classifier = getattr(model, "set_classifier", None)
+    if callable(set_classifier):  # a Recognizer (duck-typed: recognizer.py imports this module)
+        set_classifier(num_classes, bias=bias)
         return model
     path = get_path_to_ultimate_classifier(model)
     old = get_module_at_path(model, path)

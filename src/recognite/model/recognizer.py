@@ -23,6 +23,7 @@ from recognite.model.backbones import (
 from recognite.model.classifier_ops import split_backbone_classifier
 from recognite.preprocessing import Preprocessing
 from recognite.utils.device import resolve_device
+from recognite.utils.validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,10 @@ _EPS = 1e-12
 
 
 def _check_num_classes(num_classes: Any, name: str = "num_classes") -> None:
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{name} must be None or a positive integer, got {num_classes!r}.")
+    try:
+        check_int(num_classes, name, minimum=1)
+    except ValueError as exc:
+        raise type(exc)(f"{name} must be None or a positive integer, got {num_classes!r}.") from None
 
 
 class Recognizer(nn.Module):
