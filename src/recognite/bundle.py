@@ -335,7 +335,7 @@ def _threshold_as_cosine(threshold: float | None, train_config: dict[str, Any], 
 
 
 def bundle_from_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike,
-                           image_size: int | None = None) -> Path:
+                           image_size: int | None = None, threshold: float | None | str = "checkpoint") -> Path:
     """Make a bundle from a training checkpoint (``best.pt`` / ``last.pt`` of ``recognite train``).
 
     The model config, weights, label names and calibrated threshold come from the checkpoint;
@@ -346,6 +346,9 @@ def bundle_from_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os
         checkpoint_path: The training checkpoint (read with ``torch.load(weights_only=True)``).
         out_dir: The bundle folder to write.
         image_size: Override the training image size.
+        threshold: ``'checkpoint'`` (default): the threshold calibrated on the checkpoint's own
+            epoch; otherwise this threshold (in the training metric, ``None`` for none), e.g. one
+            calibrated on single-crop embeddings when validation used three crops.
 
     Returns:
         The bundle folder.
@@ -367,14 +370,15 @@ def bundle_from_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os
     model.load_weights(state["model"], source=str(checkpoint_path))
     # The threshold of the checkpoint's own epoch: last.pt holds the best epoch's threshold in
     # state["threshold"], but the weights of the last epoch.
-    threshold = _threshold_as_cosine(checkpoint_threshold(state), train_config, model.normalize)
+    raw = checkpoint_threshold(state) if isinstance(threshold, str) and threshold == "checkpoint" else threshold
+    cosine_threshold = _threshold_as_cosine(check_threshold(raw), train_config, model.normalize)
     metadata = {
         "source_checkpoint": os.path.abspath(os.fspath(checkpoint_path)),
         "epoch": state.get("epoch"),
         "train_config": train_config,
         "validation": epoch_row(state),
     }
-    return save_bundle(model, out_dir, int(image_size), threshold=threshold, label_names=state.get("label_names"),
+    return save_bundle(model, out_dir, int(image_size), threshold=cosine_threshold, label_names=state.get("label_names"),
                        metadata=_json_safe(metadata), model_kwargs=model.model_kwargs)
 
 

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 
-def write_tiny_dataset(root: Path, num_labels: int = 10, per_label: int = 4, size: int = 20) -> Path:
+def write_tiny_dataset(root: Path, num_labels: int = 10, per_label: int = 4, size: int = 20,
+                       width: int | None = None) -> Path:
     """Images whose colour and stripe pattern depend on the label, plus noise; returns the CSV."""
     rng = np.random.default_rng(0)
     rows = ["image,label"]
@@ -15,7 +16,7 @@ def write_tiny_dataset(root: Path, num_labels: int = 10, per_label: int = 4, siz
         colour = rng.integers(0, 255, size=3)
         period = 2 + label % 5
         for i in range(per_label):
-            img = np.tile(colour, (size, size, 1)).astype(np.float64)
+            img = np.tile(colour, (size, width or size, 1)).astype(np.float64)
             img[:, ::period] *= 0.3
             img += rng.normal(0, 20, size=img.shape)
             path = root / "images" / f"l{label}" / f"{i}.png"

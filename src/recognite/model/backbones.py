@@ -188,7 +188,46 @@ def build_network(model_name: str, weights: WeightsEnum | None, **model_kwargs: 
         model_kwargs.setdefault("init_weights", False)
     if weights is None:
         return builder(weights=None, **model_kwargs)
+    if _is_vit(model_name) and "image_size" in model_kwargs:
+        return _vit_at_size(builder, weights, **model_kwargs)
     return _build_with_enum(builder, weights, **model_kwargs)
+
+
+def _is_vit(model_name: str) -> bool:
+    return model_name.startswith("vit_")
+
+
+def input_size_kwargs(model_name: str, image_size: int) -> dict[str, Any]:
+    """Builder arguments a network needs to take ``image_size`` inputs (the one mechanism for input sizes).
+
+    torchvision's ViTs fix their input side at build time (``image_size``, default 224); every
+    other supported network takes any size.
+
+    >>> input_size_kwargs("vit_b_16", 112), input_size_kwargs("vit_b_16", 224), input_size_kwargs("resnet18", 64)
+    ({'image_size': 112}, {}, {})
+    """
+    if _is_vit(model_name) and image_size != 224:
+        return {"image_size": int(image_size)}
+    return {}
+
+
+def _vit_at_size(builder: Callable[..., nn.Module], weights: WeightsEnum, image_size: int,
+                 **model_kwargs: Any) -> nn.Module:
+    """A pretrained ViT for another input side: position embeddings interpolated to the new grid."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    pretrained = _build_with_enum(builder, weights, **model_kwargs)
+    if image_size == pretrained.image_size:
+        return pretrained
+    if image_size % pretrained.patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of the patch size {pretrained.patch_size} "
+                         f"of this ViT.")
+    state = interpolate_embeddings(image_size, pretrained.patch_size, pretrained.state_dict())
+    network = builder(weights=None, image_size=image_size, **model_kwargs)
+    network.load_state_dict(state)
+    logger.info("Interpolated the position embeddings of %s from %d px to %d px.", weights, pretrained.image_size,
+                image_size)
+    return network
 
 
 def drop_auxiliary_heads(network: nn.Module) -> None:

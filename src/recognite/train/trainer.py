@@ -27,6 +27,7 @@ from recognite.data.transforms import (
 )
 from recognite.losses import build_loss
 from recognite.model import Recognizer
+from recognite.model.backbones import input_size_kwargs
 from recognite.train import _distributed as distributed
 from recognite.train._interrupt import GracefulInterrupt
 from recognite.checkpoint import (
@@ -334,7 +335,8 @@ def _setup_fold(config: TrainConfig, info: distributed.DistInfo) -> tuple[_Fold,
     resume_state = load_checkpoint(resume_path) if resume_path else None
 
     torch.manual_seed(config.seed)  # model init (DDP broadcasts rank 0's parameters anyway)
-    model = Recognizer(config.model_name, weights=config.weights, num_subcenters=1)
+    model = Recognizer(config.model_name, weights=config.weights, num_subcenters=1,
+                       **input_size_kwargs(config.model_name, config.image_size))
     loss_fn = build_loss(config.loss, **_loss_kwargs(config))
     if config.content_crop:
         model.preprocessing = replace(model.preprocessing, content_crop=True, content_margin=config.content_margin)
@@ -565,7 +567,7 @@ def _train_fold(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
         for extra in fold.extra_loggers:
             extra.close()
     if info.is_main and fold.best_path.is_file():
-        _finish_run(config, fold.run_dir, fold.best_path)
+        _finish_run(fold)
     history = progress.history
     best_row = max((r for r in history if r["epoch"] > 0), key=lambda r: _comparable(r[config.checkpoint_metric]),
                    default=history[-1])
@@ -578,11 +580,15 @@ def _comparable(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
 
 
-def _finish_run(config: TrainConfig, run_dir: Path, best_path: Path) -> None:
+def _finish_run(fold: _Fold) -> None:
     """Write the deployable bundle of the best checkpoint, and the report when asked for."""
     from recognite.bundle import bundle_from_checkpoint
 
-    bundle_dir = bundle_from_checkpoint(best_path, run_dir / "bundle")
+    config, run_dir, best_path = fold.config, fold.run_dir, fold.best_path
+    threshold: float | None | str = "checkpoint"
+    if config.three_crop:
+        threshold = _single_crop_threshold(fold)
+    bundle_dir = bundle_from_checkpoint(best_path, run_dir / "bundle", threshold=threshold)
     logger.info("Model bundle of the best epoch: %s", bundle_dir)
     if not config.report:
         return
@@ -595,6 +601,27 @@ def _finish_run(config: TrainConfig, run_dir: Path, best_path: Path) -> None:
         build_report(run_dir, checkpoint=best_path.name, progress=config.progress)  # logs where it wrote
     except ImportError as exc:
         logger.warning("No report: %s", exc)
+
+
+def _single_crop_threshold(fold: _Fold) -> float | None:
+    """The best weights' threshold calibrated on single centre-crop embeddings.
+
+    With ``--three-crop`` validation embeds the mean of three crops, but a bundle embeds one
+    centre crop: its threshold must be calibrated on what it embeds.
+    """
+    state = load_checkpoint(fold.best_path)
+    model = Recognizer.from_config(state["model_config"], source=str(fold.best_path))
+    model.load_weights(state["model"], source=str(fold.best_path))
+    config = replace(fold.config, three_crop=False)
+    tfm_val = eval_transform(model.preprocessing, config.image_size)
+    _, ds_gallery, ds_query = train_val_datasets(
+        config.data_csv, image_key=config.image_key, label_key=config.label_key, num_folds=config.num_folds,
+        val_fold=int(config.val_fold), fold_seed=config.fold_seed, num_refs=config.num_refs, ref_seed=config.ref_seed,
+        tfm_val=tfm_val,
+    )
+    result = validate(model.to(fold.device), ds_gallery, ds_query, config, fold.device, distributed.DistInfo())
+    logger.info("Threshold for single centre-crop embeddings (the bundle's): %s", result.threshold)
+    return result.threshold
 
 
 _TABLE_COLUMNS = (("epoch", "epoch", "{:>5}"), ("train_loss", "loss", "{:>7.4f}"), ("top1", "top1", "{:>6.4f}"),
