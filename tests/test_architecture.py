@@ -18,7 +18,7 @@ DOC = ROOT / "docs" / "architecture.md"
 
 FOUNDATION = {"recognite", "_atomic", "_bundle_files", "checkpoint", "preprocessing", "model", "data", "eval",
               "utils", "losses"}
-WORKFLOWS = {"train", "bundle", "embedding", "evaluate", "export", "gallery", "report"}
+WORKFLOWS = {"train", "bundle", "deploy", "embedding", "evaluate", "export", "gallery", "report"}
 FACE = {"cli", "__main__"}
 
 
@@ -157,3 +157,16 @@ def test_foundation_packages_import_without_the_model_package(module):
     code = f"import sys, {module}; print('recognite.model' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def arrows_section() -> str:
+    """The "Arrows" lines of docs/architecture.md, made from the code."""
+    lines = []
+    for part, targets in sorted(part_graph(module_graph()).items()):
+        shown = ", ".join(f"`{t}`" for t in sorted(targets)) or "(none)"
+        lines.append(f"- `{part}` → {shown}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(arrows_section())

@@ -38,6 +38,7 @@ __all__ = [
     "check_export",
     "export_onnx",
     "export_torchscript",
+    "import_onnx",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def _example_input(model: nn.Module, image_size: int, batch_size: int, seed: int
     return x.to(_device(model))
 
 
-def _import_onnx() -> tuple[Any, Any]:
+def import_onnx() -> tuple[Any, Any]:
     try:
         import onnx
         import onnxruntime
@@ -153,7 +154,7 @@ def export_onnx(
         ImportError: onnx / onnxruntime are not installed.
         ValueError: Bad ``image_size`` / ``opset`` / metadata.
     """
-    onnx, _ = _import_onnx()
+    onnx, _ = import_onnx()
     image_size = _check_image_size(image_size)
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 9:
         raise ValueError(f"opset must be an integer >= 9, got {opset!r}.")
@@ -222,7 +223,7 @@ def export_torchscript(
 
 def _run_exported(path: Path, format: str, x: torch.Tensor) -> torch.Tensor:
     if format == "onnx":
-        _, ort = _import_onnx()
+        _, ort = import_onnx()
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x.cpu().numpy()})
         return torch.from_numpy(out)

@@ -11,6 +11,7 @@ from typing import Any
 from recognite.cli._options import add_dataclass_options, dataclass_values
 from recognite.model import SUPPORTED_MODELS, WeightsUnavailableError
 from recognite.train.config import TrainConfig, load_config_file
+from recognite.train.demo import DEMO_DEFAULTS
 
 logger = logging.getLogger("recognite")
 
@@ -80,34 +81,11 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 
 # --- demo ------------------------------------------------------------------------------------
 
-DEMO_DEFAULTS: dict[str, Any] = {
-    "model_name": "resnet18",
-    "image_size": 32,
-    "epochs": 4,
-    "batch_size": 64,
-    "optimizer": "adamw",
-    "lr": 0.002,
-    "weight_decay": 0.05,
-    "rrc_scale": (0.6, 1.0),
-    "warmup_epochs": 0.5,
-    "num_workers": 0,
-    "output_dir": "runs/demo",
-}
-
-
 def _run_demo(args: argparse.Namespace) -> int:
-    from recognite.data.demo import default_demo_root, make_demo_dataset
-    from recognite.train import train
-
-    root = Path(args.data_dir) if args.data_dir else default_demo_root()
-    csv_file = make_demo_dataset(root, num_classes=args.num_classes, progress=getattr(args, "progress", True))
-    values = dict(DEMO_DEFAULTS)
-    values["data_csv"] = str(csv_file)
-    values.update(dataclass_values(args, TrainConfig))
-    config = TrainConfig.from_dict(values)
-    result = train(config)
     from recognite.train import CrossValidationResult
+    from recognite.train.demo import run_demo
 
+    config, result = run_demo(args.data_dir, num_classes=args.num_classes, **dataclass_values(args, TrainConfig))
     if isinstance(result, CrossValidationResult):
         return 0
     untrained = result.history[0]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import math
@@ -11,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-from recognite._atomic import atomic_path
 from recognite.cli._options import add_backend, add_bundle, add_csv_keys, add_loading
 
 logger = logging.getLogger("recognite")
@@ -22,25 +20,14 @@ _FROM_BUNDLE = object()  # --threshold not given: use the bundle's (not a string
 # --- shared options --------------------------------------------------------------------------
 
 
-def _check_loading(args: argparse.Namespace) -> None:
+def _loading(args: argparse.Namespace) -> dict[str, Any]:
+    """The loading options as keyword arguments of the :mod:`recognite.deploy` functions."""
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}.")
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}.")
-
-
-def _load_bundle(args: argparse.Namespace) -> Any:
-    from recognite.bundle import load_bundle
-
-    return load_bundle(args.bundle, device=args.device)
-
-
-def _embed(bundle: Any, paths: list[str], args: argparse.Namespace) -> Any:
-    from recognite.embedding import embed_images
-
-    _check_loading(args)
-    return embed_images(bundle.model, paths, bundle.transform, batch_size=args.batch_size,
-                        num_workers=args.num_workers, progress=args.progress)
+    return {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": args.device,
+            "progress": args.progress}
 
 
 # --- bundle -----------------------------------------------------------------------------------
@@ -72,15 +59,12 @@ def _register_bundle(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_embed(args: argparse.Namespace) -> int:
-    from recognite.embedding import list_images, save_embeddings
+    from recognite.deploy import embed_to_file
 
-    bundle = _load_bundle(args)
-    images = list_images(args.inputs, image_key=args.image_key, label_key=args.label_key)
-    embeddings = _embed(bundle, images.paths, args)
-    meta = {"bundle": os.path.abspath(args.bundle), "weights_sha256": bundle.weights_sha256}
-    save_embeddings(args.output, embeddings, images.paths, images.labels, metadata=meta)
-    logger.info("Wrote %d embeddings of dimension %d%s to %s", embeddings.shape[0], embeddings.shape[1],
-                " with labels" if images.labels is not None else "", args.output)
+    count, dim, labelled = embed_to_file(args.bundle, args.inputs, args.output, image_key=args.image_key,
+                                         label_key=args.label_key, **_loading(args))
+    logger.info("Wrote %d embeddings of dimension %d%s to %s", count, dim, " with labels" if labelled else "",
+                args.output)
     return 0
 
 
@@ -101,65 +85,35 @@ def _register_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def _references(args: argparse.Namespace) -> Any:
-    from recognite.embedding import read_image_csv, read_image_folder
+    from recognite.deploy import read_references
 
-    if bool(args.csv) == bool(args.folder):
-        raise ValueError("Give the reference images with exactly one of --csv (image,label rows) or --folder "
-                         "(one subfolder per label).")
-    if args.csv:
-        return read_image_csv(args.csv, image_key=args.image_key, label_key=args.label_key)
-    return read_image_folder(args.folder)
-
-
-def _check_dim(bundle: Any, gallery: Any, gallery_path: str) -> None:
-    if gallery.dim is not None and gallery.dim != bundle.embedding_dim:
-        raise ValueError(f"The gallery {gallery_path} holds {gallery.dim}-dimensional embeddings but the bundle "
-                         f"{bundle.path} makes {bundle.embedding_dim}-dimensional ones: use the bundle the gallery "
-                         "was built with.")
-
-
-def _backend_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"nlist": args.nlist}
-    if args.nprobe is not None:
-        kwargs["nprobe"] = args.nprobe
-    return kwargs
+    return read_references(args.csv, args.folder, image_key=args.image_key, label_key=args.label_key)
 
 
 def _run_gallery_build(args: argparse.Namespace) -> int:
-    from recognite.gallery import GalleryIndex
+    from recognite.deploy import build_gallery
 
-    refs = _references(args)
-    gallery = GalleryIndex(aggregation=args.aggregation, backend=args.backend, **_backend_kwargs(args))
-    bundle = _load_bundle(args)
-    embeddings = _embed(bundle, refs.paths, args)
-    gallery.add(embeddings, refs.labels, ids=refs.paths)
-    written = gallery.save(args.output)
+    gallery, written = build_gallery(args.bundle, _references(args), args.output, aggregation=args.aggregation,
+                                     backend=args.backend, nlist=args.nlist, nprobe=args.nprobe, **_loading(args))
     logger.info("Gallery %s: %d references of %d labels (aggregation %s, backend %s)", written, len(gallery),
                 len(gallery.labels), gallery.aggregation, gallery.backend)
     return 0
 
 
 def _run_gallery_add(args: argparse.Namespace) -> int:
-    from recognite.gallery import GalleryIndex
+    from recognite.deploy import add_to_gallery
 
     refs = _references(args)
-    gallery = GalleryIndex.load(args.gallery)
-    bundle = _load_bundle(args)
-    _check_dim(bundle, gallery, args.gallery)
-    before = len(gallery.labels)
-    gallery.add(_embed(bundle, refs.paths, args), refs.labels, ids=refs.paths)
-    written = gallery.save(args.gallery)
+    gallery, written, new_labels = add_to_gallery(args.bundle, args.gallery, refs, **_loading(args))
     logger.info("Gallery %s: added %d references (%d new labels); now %d references of %d labels", written,
-                len(refs), len(gallery.labels) - before, len(gallery), len(gallery.labels))
+                len(refs), new_labels, len(gallery), len(gallery.labels))
     return 0
 
 
 def _run_gallery_remove(args: argparse.Namespace) -> int:
-    from recognite.gallery import GalleryIndex
+    from recognite.deploy import remove_from_gallery
 
-    gallery = GalleryIndex.load(args.gallery)
-    removed = gallery.remove(args.labels)
-    written = gallery.save(args.gallery)
+    gallery, written, removed = remove_from_gallery(args.gallery, args.labels)
     logger.info("Gallery %s: removed %d references of %d labels; now %d references of %d labels", written,
                 removed, len(set(args.labels)), len(gallery), len(gallery.labels))
     return 0
@@ -247,48 +201,6 @@ def _parse_threshold(text: str) -> float | None:
     return value
 
 
-def _score(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _records(images: Any, result: Any) -> list[dict[str, Any]]:
-    records = []
-    for i, path in enumerate(images.paths):
-        answer = result[i]
-        record: dict[str, Any] = {"path": path}
-        if images.labels is not None:
-            record["label"] = images.labels[i]
-        record["prediction"] = answer["prediction"]
-        record["score"] = None if answer["score"] is None else _score(answer["score"])
-        record["top_k"] = [{**entry, "score": _score(entry["score"])} for entry in answer["top_k"]]
-        records.append(record)
-    return records
-
-
-def _write_atomic(path: Path, write: Any) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        write(f)
-
-
-def _write_csv(path: Path, records: list[dict[str, Any]], k: int) -> None:
-    has_label = bool(records) and "label" in records[0]
-    header = ["path"] + (["label"] if has_label else []) + ["prediction", "score"]
-    for j in range(1, k + 1):
-        header += [f"label_{j}", f"score_{j}"]
-
-    def write(f: Any) -> None:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        for rec in records:
-            row = [rec["path"]] + ([rec["label"]] if has_label else []) + [rec["prediction"], _fmt(rec["score"])]
-            for j in range(k):
-                entry = rec["top_k"][j] if j < len(rec["top_k"]) else {"label": "", "score": None}
-                row += [entry["label"], _fmt(entry["score"])]
-            writer.writerow(row)
-
-    _write_atomic(path, write)
-
-
 def _fmt(score: float | None) -> str:
     return "" if score is None else f"{score:.6f}"
 
@@ -306,37 +218,26 @@ def _print_table(records: list[dict[str, Any]]) -> None:
 
 
 def _run_recognize(args: argparse.Namespace) -> int:
-    from recognite.embedding import list_images
-    from recognite.gallery import GalleryIndex
+    from recognite.deploy import FROM_BUNDLE, recognize_images, write_recognitions
 
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be a positive integer, got {args.top_k}.")
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--output must end in .csv or .json, got {args.output!r}.")
-    images = list_images(args.inputs, image_key=args.image_key, label_key=args.label_key)
-    gallery = GalleryIndex.load(args.gallery, backend=args.backend)
-    bundle = _load_bundle(args)
-    _check_dim(bundle, gallery, args.gallery)
-    threshold = bundle.threshold if args.threshold is _FROM_BUNDLE else args.threshold
-    if threshold is None:
+    threshold = FROM_BUNDLE if args.threshold is _FROM_BUNDLE else args.threshold
+    answers = recognize_images(args.bundle, args.gallery, args.inputs, top_k=args.top_k, threshold=threshold,
+                               backend=args.backend, nprobe=args.nprobe, image_key=args.image_key,
+                               label_key=args.label_key, **_loading(args))
+    if answers.threshold is None:
         logger.info("No threshold (%s): every query gets its best label, never 'unknown'.",
                     "--threshold none" if args.threshold is None else "none in the bundle; set one with --threshold")
-    embeddings = _embed(bundle, images.paths, args)
-    result = gallery.recognize(embeddings, k=args.top_k, threshold=threshold, nprobe=args.nprobe)
-    records = _records(images, result)
-    k = min(args.top_k, len(gallery.labels))
     if output is None:
-        _print_table(records)
-    elif output.suffix.lower() == ".json":
-        document = {"bundle": os.path.abspath(args.bundle), "gallery": os.path.abspath(args.gallery),
-                    "threshold": threshold, "top_k": k, "results": records}
-        _write_atomic(output, lambda f: f.write(json.dumps(document, indent=2, allow_nan=False) + "\n"))
+        _print_table(answers.records)
     else:
-        _write_csv(output, records, k)
-    unknown = sum(r["prediction"] == "unknown" for r in records)
-    logger.info("Recognized %d images: %d known, %d unknown%s", len(records), len(records) - unknown, unknown,
-                f" (threshold {threshold:g})" if threshold is not None else "")
+        context = {"bundle": os.path.abspath(args.bundle), "gallery": os.path.abspath(args.gallery)}
+        write_recognitions(output, answers, context)
+    total = len(answers.records)
+    logger.info("Recognized %d images: %d known, %d unknown%s", total, total - answers.num_unknown,
+                answers.num_unknown, f" (threshold {answers.threshold:g})" if answers.threshold is not None else "")
     if output is not None:
         logger.info("Wrote %s", output)
     return 0
@@ -365,24 +266,17 @@ def _register_recognize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from recognite.export import check_export, export_onnx, export_torchscript
+    from recognite.bundle import load_bundle
+    from recognite.deploy import export_bundle
+    from recognite.export import import_onnx
 
     if args.format == "onnx":
-        from recognite.export import _import_onnx
-
-        _import_onnx()  # fail before loading the model
-    bundle = _load_bundle(args)
-    metadata = {"preprocessing": bundle.preprocessing.to_dict(), "embedding_dim": bundle.embedding_dim,
-                "model_name": bundle.model.model_name, "threshold": bundle.threshold,
-                "weights_sha256": bundle.weights_sha256}
-    if args.format == "onnx":
-        export_onnx(bundle.model, args.output, bundle.image_size, opset=args.opset, metadata=metadata)
-    else:
-        export_torchscript(bundle.model, args.output, bundle.image_size, metadata=metadata)
+        import_onnx()  # fail before loading the model
+    bundle = load_bundle(args.bundle, device=args.device)
+    diff = export_bundle(bundle, args.output, args.format, opset=args.opset, check=args.check, atol=args.atol)
     logger.info("Exported %s to %s: input images (N, 3, %d, %d) preprocessed, output L2-normalized embeddings "
                 "(N, %d)", args.format, args.output, bundle.image_size, bundle.image_size, bundle.embedding_dim)
-    if args.check:
-        diff = check_export(bundle.model, args.output, args.format, bundle.image_size, atol=args.atol)
+    if diff is not None:
         logger.info("Parity check passed: max abs difference to PyTorch %.3g", diff)
     return 0
 

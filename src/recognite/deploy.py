@@ -1,0 +1,256 @@
+"""Deployment workflows behind ``recognite embed``, ``gallery``, ``recognize`` and ``export``.
+
+Each function takes a loaded :class:`~recognite.bundle.Bundle` (or a bundle folder) and plain
+arguments, does one job and returns its result; the command line only parses and prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from recognite._atomic import atomic_path
+from recognite.bundle import Bundle, load_bundle
+from recognite.embedding import ImageList, list_images, read_image_csv, read_image_folder, save_embeddings
+from recognite.gallery import GalleryIndex
+from recognite.utils.validate import check_int, check_threshold
+
+__all__ = [
+    "Recognitions",
+    "add_to_gallery",
+    "build_gallery",
+    "embed_to_file",
+    "export_bundle",
+    "read_references",
+    "recognize_images",
+    "remove_from_gallery",
+    "write_recognitions",
+]
+
+FROM_BUNDLE = "bundle"
+"""``threshold=FROM_BUNDLE``: use the threshold stored in the bundle."""
+
+
+def _bundle(bundle: Bundle | str | os.PathLike, device: str | torch.device | None) -> Bundle:
+    return bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
+
+
+def _embed(bundle: Bundle, paths: Sequence[str], batch_size: int, num_workers: int, progress: bool) -> torch.Tensor:
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(num_workers, "num_workers", minimum=0)
+    return bundle.embed(paths, batch_size=batch_size, num_workers=num_workers, progress=progress)
+
+
+def read_references(csv_file: str | os.PathLike | None = None, folder: str | os.PathLike | None = None,
+                    image_key: str = "image", label_key: str = "label") -> ImageList:
+    """Reference images from exactly one of a CSV (``image,label`` rows) or a folder per label."""
+    if bool(csv_file) == bool(folder):
+        raise ValueError("Give the reference images with exactly one of --csv (image,label rows) or --folder "
+                         "(one subfolder per label).")
+    if csv_file:
+        return read_image_csv(csv_file, image_key=image_key, label_key=label_key)
+    return read_image_folder(folder)
+
+
+def check_gallery_fits(bundle: Bundle, gallery: GalleryIndex, gallery_path: str | os.PathLike) -> None:
+    """Refuse a gallery whose embedding width is not the bundle's."""
+    if gallery.dim is not None and gallery.dim != bundle.embedding_dim:
+        raise ValueError(f"The gallery {gallery_path} holds {gallery.dim}-dimensional embeddings but the bundle "
+                         f"{bundle.path} makes {bundle.embedding_dim}-dimensional ones: use the bundle the gallery "
+                         "was built with.")
+
+
+def embed_to_file(bundle: Bundle | str | os.PathLike, inputs: Sequence[str], output: str | os.PathLike,
+                  image_key: str = "image", label_key: str = "label", batch_size: int = 64, num_workers: int = 0,
+                  device: str | torch.device | None = "auto", progress: bool = False) -> tuple[int, int, bool]:
+    """Embed image files, folders or CSVs and write an embeddings file.
+
+    Returns:
+        ``(number of images, embedding dimension, whether labels were written)``.
+    """
+    bundle = _bundle(bundle, device)
+    images = list_images(inputs, image_key=image_key, label_key=label_key)
+    embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress)
+    meta = {"bundle": os.path.abspath(bundle.path) if bundle.path else None, "weights_sha256": bundle.weights_sha256}
+    save_embeddings(output, embeddings, images.paths, images.labels, metadata=meta)
+    return embeddings.shape[0], embeddings.shape[1], images.labels is not None
+
+
+def build_gallery(bundle: Bundle | str | os.PathLike, references: ImageList, output: str | os.PathLike,
+                  aggregation: str = "all", backend: str = "torch", nlist: int | None = None,
+                  nprobe: int | None = None, batch_size: int = 64, num_workers: int = 0,
+                  device: str | torch.device | None = "auto", progress: bool = False) -> tuple[GalleryIndex, Path]:
+    """Embed reference images and write a new gallery file; returns the gallery and where it went."""
+    kwargs: dict[str, Any] = {"nlist": nlist}
+    if nprobe is not None:
+        kwargs["nprobe"] = nprobe
+    gallery = GalleryIndex(aggregation=aggregation, backend=backend, **kwargs)
+    bundle = _bundle(bundle, device)
+    gallery.add(_embed(bundle, references.paths, batch_size, num_workers, progress), references.labels,
+                ids=references.paths)
+    return gallery, gallery.save(output)
+
+
+def add_to_gallery(bundle: Bundle | str | os.PathLike, gallery_path: str | os.PathLike, references: ImageList,
+                   batch_size: int = 64, num_workers: int = 0, device: str | torch.device | None = "auto",
+                   progress: bool = False) -> tuple[GalleryIndex, Path, int]:
+    """Embed more references into an existing gallery file, in place.
+
+    Returns:
+        ``(gallery, path written, number of new labels)``.
+    """
+    gallery = GalleryIndex.load(gallery_path)
+    bundle = _bundle(bundle, device)
+    check_gallery_fits(bundle, gallery, gallery_path)
+    before = len(gallery.labels)
+    gallery.add(_embed(bundle, references.paths, batch_size, num_workers, progress), references.labels,
+                ids=references.paths)
+    return gallery, gallery.save(gallery_path), len(gallery.labels) - before
+
+
+def remove_from_gallery(gallery_path: str | os.PathLike, labels: Sequence[str]) -> tuple[GalleryIndex, Path, int]:
+    """Remove every reference of ``labels`` from a gallery file, in place.
+
+    Returns:
+        ``(gallery, path written, number of references removed)``.
+    """
+    gallery = GalleryIndex.load(gallery_path)
+    removed = gallery.remove(labels)
+    return gallery, gallery.save(gallery_path), removed
+
+
+@dataclass
+class Recognitions:
+    """Answers of :func:`recognize_images`.
+
+    Attributes:
+        records: One dict per image: ``path``, ``label`` (when the inputs carry labels),
+            ``prediction`` (a label or ``'unknown'``), ``score`` and ``top_k`` (label, score,
+            reference id); non-finite scores are ``None``.
+        threshold: The threshold used (``None``: never unknown).
+        top_k: Labels listed per image (at most the number of gallery labels).
+    """
+
+    records: list[dict[str, Any]]
+    threshold: float | None
+    top_k: int
+
+    @property
+    def num_unknown(self) -> int:
+        return sum(r["prediction"] == "unknown" for r in self.records)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _records(images: ImageList, result: Any) -> list[dict[str, Any]]:
+    records = []
+    for i, path in enumerate(images.paths):
+        answer = result[i]
+        record: dict[str, Any] = {"path": path}
+        if images.labels is not None:
+            record["label"] = images.labels[i]
+        record["prediction"] = answer["prediction"]
+        record["score"] = _finite(answer["score"])
+        record["top_k"] = [{**entry, "score": _finite(entry["score"])} for entry in answer["top_k"]]
+        records.append(record)
+    return records
+
+
+def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex | str | os.PathLike,
+                     inputs: Sequence[str], top_k: int = 5, threshold: float | None | str = FROM_BUNDLE,
+                     backend: str | None = None, nprobe: int | None = None, image_key: str = "image",
+                     label_key: str = "label", batch_size: int = 64, num_workers: int = 0,
+                     device: str | torch.device | None = "auto", progress: bool = False) -> Recognitions:
+    """Embed query images (files, folders or CSVs) and answer the top-k labels or ``'unknown'``."""
+    top_k = check_int(top_k, "top_k", minimum=1)
+    images = list_images(inputs, image_key=image_key, label_key=label_key)
+    if not isinstance(gallery, GalleryIndex):
+        gallery_path = gallery
+        gallery = GalleryIndex.load(gallery, backend=backend)
+    else:
+        gallery_path = "the gallery"
+    bundle = _bundle(bundle, device)
+    check_gallery_fits(bundle, gallery, gallery_path)
+    if isinstance(threshold, str) and threshold == FROM_BUNDLE:
+        threshold = bundle.threshold
+    threshold = check_threshold(threshold)
+    embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress)
+    result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe)
+    return Recognitions(records=_records(images, result), threshold=threshold, top_k=min(top_k, len(gallery.labels)))
+
+
+def _fmt(score: float | None) -> str:
+    return "" if score is None else f"{score:.6f}"
+
+
+def _write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        write(f)
+
+
+def _write_csv(path: Path, records: list[dict[str, Any]], k: int) -> None:
+    has_label = bool(records) and "label" in records[0]
+    header = ["path"] + (["label"] if has_label else []) + ["prediction", "score"]
+    for j in range(1, k + 1):
+        header += [f"label_{j}", f"score_{j}"]
+
+    def write(f: Any) -> None:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for rec in records:
+            row = [rec["path"]] + ([rec["label"]] if has_label else []) + [rec["prediction"], _fmt(rec["score"])]
+            for j in range(k):
+                entry = rec["top_k"][j] if j < len(rec["top_k"]) else {"label": "", "score": None}
+                row += [entry["label"], _fmt(entry["score"])]
+            writer.writerow(row)
+
+    _write_atomic(path, write)
+
+
+def write_recognitions(path: str | os.PathLike, recognitions: Recognitions, context: dict[str, Any] | None = None) -> Path:
+    """Write answers atomically to a ``.csv`` (one row per image) or ``.json`` file (with ``context``)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        raise ValueError(f"--output must end in .csv or .json, got {str(path)!r}.")
+    if suffix == ".json":
+        document = {**(context or {}), "threshold": recognitions.threshold, "top_k": recognitions.top_k,
+                    "results": recognitions.records}
+        _write_atomic(path, lambda f: f.write(json.dumps(document, indent=2, allow_nan=False) + "\n"))
+    else:
+        _write_csv(path, recognitions.records, recognitions.top_k)
+    return path
+
+
+def export_bundle(bundle: Bundle | str | os.PathLike, output: str | os.PathLike, format: str, opset: int = 17,
+                  check: bool = False, atol: float | None = None, device: str | torch.device | None = "cpu") -> float | None:
+    """Export a bundle's embedding model to ONNX or TorchScript (metadata included).
+
+    Returns:
+        The largest absolute difference to PyTorch when ``check`` (the parity check), else ``None``.
+    """
+    from recognite.export import import_onnx, check_export, export_onnx, export_torchscript
+
+    if format == "onnx":
+        import_onnx()  # fail before loading the model
+    bundle = _bundle(bundle, device)
+    metadata = {"preprocessing": bundle.preprocessing.to_dict(), "embedding_dim": bundle.embedding_dim,
+                "model_name": bundle.model.model_name, "threshold": bundle.threshold,
+                "weights_sha256": bundle.weights_sha256}
+    if format == "onnx":
+        export_onnx(bundle.model, output, bundle.image_size, opset=opset, metadata=metadata)
+    else:
+        export_torchscript(bundle.model, output, bundle.image_size, metadata=metadata)
+    if not check:
+        return None
+    return check_export(bundle.model, output, format, bundle.image_size, atol=atol)
