@@ -10,11 +10,15 @@ embeddings; the figure is the peak RSS above the RSS once the embeddings exist.
   computes after each epoch (metrics + threshold calibration + DIR / FAR).
 * ``evaluate``: :func:`recognite.eval.summary_metrics` at a given threshold with ks 1, 5, 10, what
   ``recognite evaluate`` (:func:`recognite.evaluate.evaluate_bundle`) computes after embedding.
+* ``legacy`` (with ``--legacy``): the engine plus the per-query best positive / negative as the
+  earlier code of ``recognite train`` / ``evaluate`` computed them (1024-query chunks scored in
+  float64 against the whole gallery, with masked copies), for comparison; it needs about
+  20 GB at G=1,000,000, so use it with ``--gallery 200000``.
 
 Usage::
 
     python benchmarks/validation_memory.py                 # Q=2000, G=1,000,000 (about 3 minutes)
-    python benchmarks/validation_memory.py --gallery 200000
+    python benchmarks/validation_memory.py --gallery 200000 --legacy
 """
 
 from __future__ import annotations
@@ -57,6 +61,23 @@ def _problem(num_queries: int, num_gallery: int):
     return queries, query_labels, gallery, gallery_labels
 
 
+def _legacy_best_positive_negative(queries, query_labels, gallery, gallery_labels, chunk_size=1024):
+    """The 0.1.0 computation (``train/evaluation.py: best_positive_negative``), reproduced."""
+    import math
+
+    import torch
+
+    from recognite.eval import pairwise_scores
+
+    max_pos, max_neg = [], []
+    for start in range(0, queries.shape[0], chunk_size):
+        scores = pairwise_scores(queries[start:start + chunk_size], gallery, "cosine").double()
+        same = query_labels[start:start + chunk_size, None] == gallery_labels[None, :]
+        max_pos.append(scores.masked_fill(~same, -math.inf).max(dim=1).values)
+        max_neg.append(scores.masked_fill(same, -math.inf).max(dim=1).values)
+    return torch.cat(max_pos), torch.cat(max_neg)
+
+
 def run(contender: str, num_queries: int, num_gallery: int) -> dict:
     import torch
 
@@ -74,6 +95,10 @@ def run(contender: str, num_queries: int, num_gallery: int) -> dict:
     elif contender == "train":
         out = validation_metrics(queries, query_labels, gallery, gallery_labels, "cosine")
         figures = {key: out.metrics[key] for key in ("top1", "mAP", "threshold", "DIR", "FAR")}
+    elif contender == "legacy":
+        out = evaluate_embeddings(queries, query_labels, gallery, gallery_labels, metric="cosine", ks=(1, 5))
+        max_pos, max_neg = _legacy_best_positive_negative(queries, query_labels, gallery, gallery_labels)
+        figures = {"top1": out["accuracy"], "mAP": out["mAP"], "mean max_pos": float(max_pos.mean())}
     else:
         out = summary_metrics(queries, query_labels, gallery, gallery_labels, ks=(1, 5, 10), threshold=0.5,
                               calibrate=False)
@@ -88,13 +113,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--gallery", type=int, default=1_000_000)
-    parser.add_argument("--contender", choices=("engine", "train", "evaluate"), help=argparse.SUPPRESS)
+    parser.add_argument("--legacy", action="store_true", help="Also run the earlier (unbounded) computation.")
+    parser.add_argument("--contender", choices=("engine", "train", "evaluate", "legacy"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.contender:
         print(json.dumps(run(args.contender, args.queries, args.gallery)))
         return
     results = {}
-    for contender in ("engine", "train", "evaluate"):
+    for contender in ("engine", "train", "evaluate") + (("legacy",) if args.legacy else ()):
         done = subprocess.run([sys.executable, __file__, "--contender", contender, "--queries", str(args.queries),
                                "--gallery", str(args.gallery)], capture_output=True, text=True, check=True)
         results[contender] = json.loads(done.stdout.strip().splitlines()[-1])

@@ -26,8 +26,6 @@ from typing import Any
 
 import torch
 
-from recognite.preprocessing import Preprocessing
-from recognite.utils.device import resolve_device
 from recognite._bundle_files import (
     BUNDLE_FILE,
     BUNDLE_FORMAT,
@@ -37,7 +35,9 @@ from recognite._bundle_files import (
 )
 from recognite.checkpoint import checkpoint_threshold, epoch_row, load_checkpoint
 from recognite.model.recognizer import Recognizer, load_bundle_model
-from recognite.utils.validate import check_threshold
+from recognite.preprocessing import Preprocessing
+from recognite.utils.device import resolve_device
+from recognite.utils.validate import check_int, check_threshold
 
 __all__ = [
     "BUNDLE_FILE",
@@ -109,9 +109,8 @@ class Bundle:
 
 
 def _check_image_size(image_size: Any) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer (the network input side in pixels), got {image_size!r}.")
-    return int(image_size)
+    return check_int(image_size, "image_size", minimum=1,
+                     message=f"image_size must be a positive integer (the network input side in pixels), got {image_size!r}.")
 
 
 def _check_threshold(threshold: Any) -> float | None:

@@ -19,7 +19,13 @@ import torch
 
 from recognite._atomic import atomic_path
 from recognite.bundle import Bundle, load_bundle
-from recognite.embedding import ImageList, list_images, read_image_csv, read_image_folder, save_embeddings
+from recognite.embedding import (
+    ImageList,
+    list_images,
+    read_image_csv,
+    read_image_folder,
+    save_embeddings,
+)
 from recognite.gallery import GalleryIndex
 from recognite.utils.validate import check_int, check_threshold
 
@@ -239,7 +245,12 @@ def export_bundle(bundle: Bundle | str | os.PathLike, output: str | os.PathLike,
     Returns:
         The largest absolute difference to PyTorch when ``check`` (the parity check), else ``None``.
     """
-    from recognite.export import import_onnx, check_export, export_onnx, export_torchscript
+    from recognite.export import (
+        check_export,
+        export_onnx,
+        export_torchscript,
+        import_onnx,
+    )
 
     if format == "onnx":
         import_onnx()  # fail before loading the model

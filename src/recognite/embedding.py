@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from recognite._atomic import atomic_path
 from recognite.data.folders import IMAGE_EXTENSIONS
 from recognite.utils.device import resolve_device
+from recognite.utils.validate import check_int
 
 __all__ = [
     "EmbeddingsFile",
@@ -260,8 +261,7 @@ def embed_images(
     from tqdm.auto import tqdm
 
     for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        check_int(value, name, minimum=minimum, message=f"{name} must be an integer >= {minimum}, got {value!r}.")
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise ValueError("paths is empty: there are no images to embed.")

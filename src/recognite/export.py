@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recognite._atomic import atomic_path
+from recognite.utils.validate import check_int
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -77,9 +78,8 @@ class EmbeddingGraph(nn.Module):
 
 
 def _check_image_size(image_size: Any) -> int:
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive integer (the network input side), got {image_size!r}.")
-    return image_size
+    return check_int(image_size, "image_size", minimum=1,
+                     message=f"image_size must be a positive integer (the network input side), got {image_size!r}.")
 
 
 def _check_format(format: Any) -> str:
@@ -156,8 +156,7 @@ def export_onnx(
     """
     onnx, _ = import_onnx()
     image_size = _check_image_size(image_size)
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 9:
-        raise ValueError(f"opset must be an integer >= 9, got {opset!r}.")
+    check_int(opset, "opset", minimum=9, message=f"opset must be an integer >= 9, got {opset!r}.")
     props = _metadata_strings(metadata, image_size)
     graph = EmbeddingGraph(model)
     kwargs: dict[str, Any] = {}
@@ -274,8 +273,7 @@ def check_export(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Exported file {str(path)!r} does not exist.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_int(batch_size, "batch_size", minimum=1, message=f"batch_size must be a positive integer, got {batch_size!r}.")
     tolerance = DEFAULT_ATOL[format] if atol is None else float(atol)
     x = _example_input(model, image_size, batch_size, seed)
     with _eval_mode(model), torch.no_grad():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 from recognite.cli._options import add_dataclass_options, dataclass_values

@@ -6,13 +6,12 @@ gallery/query pair of validation sets whose labels never occur in training.
 
 from ._csv import load_csv
 from .dataset import DataFrameDataset
-from .folders import IMAGE_EXTENSIONS, folder_to_csv
-from .splits import k_fold_trainval_split, split_gallery_query
-from .train_val import label_mapping, train_val_datasets
-
 from .demo import default_demo_root, make_demo_dataset
+from .folders import IMAGE_EXTENSIONS, folder_to_csv
 from .rotation_classes import RotationClasses
 from .samplers import PKBatchSampler
+from .splits import k_fold_trainval_split, split_gallery_query
+from .train_val import label_mapping, train_val_datasets
 from .transforms import (
     ContentCrop,
     RandomAffineOnBorder,

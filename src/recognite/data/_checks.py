@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
-import numbers
 from typing import Any
 
 import pandas as pd
+
+from recognite.utils import validate
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> int:
@@ -15,11 +16,7 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     Booleans and floats (even ``5.0``) are refused: they are almost always a
     mistake in a configuration.
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(
-            f"{name} must be an integer, got {value!r} ({type(value).__name__})."
-        )
-    value = int(value)
+    value = validate.check_int(value, name)
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}.")
     return value

@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from recognite.utils.validate import check_int
+
 __all__ = ["PKBatchSampler"]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+    return check_int(value, name, minimum=minimum, message=f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _group_indices(labels: Sequence[Hashable] | np.ndarray | torch.Tensor) -> list[np.ndarray]:

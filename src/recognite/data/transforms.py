@@ -13,6 +13,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from recognite.preprocessing import Preprocessing
+from recognite.utils.validate import check_int
 
 # A pixel belongs to the content when any channel differs from the border colour by more than this.
 CONTENT_TOLERANCE = 32
@@ -149,8 +150,7 @@ class RandomElasticOnBorder:
     def __init__(self, magnitude: float, grid: int = 4, interpolation: InterpolationMode = InterpolationMode.BILINEAR) -> None:
         if not 0.0 <= magnitude <= 1.0:
             raise ValueError(f"magnitude is a fraction of the image side in [0, 1], got {magnitude}.")
-        if isinstance(grid, bool) or not isinstance(grid, int) or grid < 2:
-            raise ValueError(f"grid must be an integer >= 2 (lattice nodes per side), got {grid!r}.")
+        check_int(grid, "grid", minimum=2, message=f"grid must be an integer >= 2 (lattice nodes per side), got {grid!r}.")
         self.magnitude, self.grid, self.interpolation = magnitude, grid, interpolation
 
     def displacement(self, height: int, width: int) -> torch.Tensor:

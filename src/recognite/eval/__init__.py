@@ -6,7 +6,12 @@ and the bounded-memory path (:func:`evaluate_embeddings`).
 """
 
 from .episodes import episode_accuracy
-from .open_set import calibrate_threshold, open_set_metrics, open_set_rates, threshold_at_far
+from .open_set import (
+    calibrate_threshold,
+    open_set_metrics,
+    open_set_rates,
+    threshold_at_far,
+)
 from .pr import hard_pos_neg_scores, pr_metrics
 from .ranking import (
     accuracy,

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from recognite.utils.validate import check_int
+
 DEFAULT_MEMORY_BUDGET = 256 * 1024**2
 """Default working-memory budget (bytes) for chunked evaluation."""
 
@@ -75,9 +77,7 @@ def check_finite(scores_chunk: torch.Tensor) -> None:
 
 def check_k(k: Any, name: str = "k") -> int:
     """Validate a positive integer ``k``."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"{name} must be a positive integer, got {k!r}")
-    return k
+    return check_int(k, name, minimum=1, message=f"{name} must be a positive integer, got {k!r}")
 
 
 def check_ks(ks: Any) -> tuple[int, ...]:
@@ -99,6 +99,5 @@ def rows_per_chunk(num_columns: int, memory_budget: int | None, name: str = "mem
     """Number of score rows whose temporary working memory fits ``memory_budget`` bytes."""
     if memory_budget is None:
         memory_budget = DEFAULT_MEMORY_BUDGET
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"{name} must be a positive number of bytes, got {memory_budget!r}")
+    check_int(memory_budget, name, minimum=1, message=f"{name} must be a positive number of bytes, got {memory_budget!r}")
     return max(1, memory_budget // (_BYTES_PER_ELEMENT * max(1, num_columns)))

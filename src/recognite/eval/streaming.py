@@ -18,7 +18,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ._checks import DEFAULT_MEMORY_BUDGET, as_labels, check_k, check_ks, check_scores, rows_per_chunk
+from ._checks import (
+    DEFAULT_MEMORY_BUDGET,
+    as_labels,
+    check_k,
+    check_ks,
+    check_scores,
+    rows_per_chunk,
+)
 from ._engine import LabelIndex, Workspace, chunk_stats, merge_chunks
 from .ranking import cmc_from_first_ranks
 from .scores import (

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from recognite.gallery import _faiss, _io
 from recognite.gallery._search import exact_topk, label_topk
 from recognite.gallery.open_set import UNKNOWN, RecognitionResult, open_set_predictions
+from recognite.utils.validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +69,8 @@ def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 def _check_positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        allowed = "a positive integer" + (" or None" if allow_none else "")
-        raise ValueError(f"{name} must be {allowed}, got {value!r}.")
-    return int(value)
+    allowed = "a positive integer" + (" or None" if allow_none else "")
+    return check_int(value, name, minimum=1, message=f"{name} must be {allowed}, got {value!r}.")
 
 
 def _as_embeddings(values: Any, name: str, dim: int | None, allow_vector: bool) -> torch.Tensor:

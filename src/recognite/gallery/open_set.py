@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from recognite.utils.validate import check_threshold
+
 #: The answer given for a query whose best score is below the threshold.
 UNKNOWN = "unknown"
-
-
-def check_threshold(threshold: float | None) -> float | None:
-    """Return ``threshold`` as a float (or None); ValueError for NaN, TypeError for non-numbers.
-
-    ``-inf`` accepts every query (as returned by ``recognite.eval.threshold_at_far`` when any
-    false-accept rate is allowed) and ``+inf`` rejects every query."""
-    if threshold is None:
-        return None
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) and not (
-        isinstance(threshold, torch.Tensor) and threshold.numel() == 1
-    ):
-        raise TypeError(f"threshold must be a number or None, got {type(threshold).__name__} {threshold!r}.")
-    value = float(threshold)
-    if math.isnan(value):
-        raise ValueError(f"threshold must be a number (or None), got {value!r}.")
-    return value
 
 
 def open_set_predictions(

@@ -1,6 +1,10 @@
 """Embedding models built from torchvision classification networks."""
 
-from recognite.model.backbones import SUPPORTED_MODELS, Preprocessing, WeightsUnavailableError
+from recognite.model.backbones import (
+    SUPPORTED_MODELS,
+    Preprocessing,
+    WeightsUnavailableError,
+)
 from recognite.model.classifier_ops import (
     get_module_at_path,
     get_path_to_ultimate_classifier,

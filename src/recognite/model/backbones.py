@@ -20,9 +20,14 @@ from typing import Any
 import torch
 import torchvision
 from torch import nn
-from torchvision.models import WeightsEnum, get_model_builder, get_model_weights, list_models
+from torchvision.models import (
+    WeightsEnum,
+    get_model_builder,
+    get_model_weights,
+    list_models,
+)
 
-from recognite.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from recognite.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (0.1.0 names)
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from recognite.report import plots
 from recognite._atomic import atomic_write_text
-from recognite.utils.device import resolve_device
+from recognite.report import plots
 from recognite.report._data import (
     RECALL_GRID,
     ReportData,
@@ -30,6 +29,8 @@ from recognite.report._data import (
     worst_queries,
 )
 from recognite.report.html import Figure, Page, Table, format_number, render_page
+from recognite.utils.device import resolve_device
+from recognite.utils.validate import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -167,16 +168,15 @@ def build_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run_dir {str(run_dir)!r} is not a folder.")
-    if isinstance(num_worst, bool) or not isinstance(num_worst, int) or num_worst < 0:
-        raise ValueError(f"num_worst must be an integer >= 0, got {num_worst!r}.")
+    check_int(num_worst, "num_worst", minimum=0, message=f"num_worst must be an integer >= 0, got {num_worst!r}.")
     plots.check_matplotlib()
     torch_device = resolve_device(device)
     checkpoint_path = _resolve_checkpoint(run_dir, checkpoint)
     output_dir = Path(output_dir) if output_dir is not None else run_dir / "report"
 
+    from recognite.checkpoint import checkpoint_threshold, load_checkpoint
     from recognite.data import train_val_datasets
     from recognite.data.transforms import eval_transform, three_crop_eval_transform
-    from recognite.checkpoint import checkpoint_threshold, load_checkpoint
     from recognite.eval.summary import summary_metrics
     from recognite.utils import avg_ref_embs
 

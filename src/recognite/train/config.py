@@ -15,6 +15,7 @@ import yaml
 from recognite._atomic import atomic_write_text
 from recognite.data.transforms import RandomAffineOnBorder, RandomElasticOnBorder
 from recognite.model.backbones import check_model_name
+from recognite.utils.validate import check_int
 
 LOSSES = ("norm_softmax", "cosface", "arcface", "subcenter_arcface")
 OPTIMIZERS = ("sgd", "adamw")
@@ -215,8 +216,7 @@ def _flag(name: str) -> str:
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{_flag(name)} must be an integer >= {minimum}, got {value!r}.")
+    check_int(value, name, minimum=minimum, message=f"{_flag(name)} must be an integer >= {minimum}, got {value!r}.")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

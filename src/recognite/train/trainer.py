@@ -17,6 +17,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
+from recognite.checkpoint import (
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from recognite.data import train_val_datasets
 from recognite.data.rotation_classes import RotationClasses
 from recognite.data.samplers import PKBatchSampler
@@ -30,12 +36,6 @@ from recognite.model import Recognizer
 from recognite.model.backbones import input_size_kwargs
 from recognite.train import _distributed as distributed
 from recognite.train._interrupt import GracefulInterrupt
-from recognite.checkpoint import (
-    load_checkpoint,
-    rng_states,
-    save_checkpoint,
-    set_rng_states,
-)
 from recognite.train.config import TrainConfig, atomic_write_text
 from recognite.train.evaluation import ValidationResult, validate
 from recognite.train.loggers import CSVLogger, TensorBoardLogger, WandbLogger

@@ -23,10 +23,13 @@ class InvalidTypeError(TypeError, ValueError):
     """An argument of the wrong type (an instance of both ``TypeError`` and ``ValueError``)."""
 
 
-def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None,
+              message: str | None = None) -> int:
     """``value`` as a Python ``int`` within ``[minimum, maximum]``.
 
-    Booleans and floats (even ``5.0``) are refused: in a configuration they are a mistake.
+    Booleans and floats (even ``5.0``) are refused: in a configuration they are a mistake. A
+    wrong type raises :class:`InvalidTypeError`, a value out of range ``ValueError``; ``message``
+    replaces the default text of both (a caller's established wording).
 
     >>> check_int(3, "k", minimum=1)
     3
@@ -36,9 +39,11 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
     ValueError: num_workers must be an integer >= 0, got -1.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InvalidTypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+        raise InvalidTypeError(message or f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
     value = int(value)
     if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        if message:
+            raise ValueError(message)
         if maximum is None and minimum == 1:
             raise ValueError(f"{name} must be a positive integer, got {value}.")
         if maximum is None:
