@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from recognite._atomic import atomic_path
 from recognite.data.folders import IMAGE_EXTENSIONS
+from recognite.data.images import read_image
 from recognite.utils.device import resolve_device
 from recognite.utils.validate import check_int
 
@@ -207,15 +208,7 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                image = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"Could not read the image {path}: {exc}") from exc
-        return self.transform(image)
+        return self.transform(read_image(self.paths[index]))
 
 
 def _model_device(model: nn.Module) -> torch.device:

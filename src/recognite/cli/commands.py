@@ -16,7 +16,7 @@ logger = logging.getLogger("recognite")
 
 # Exceptions shown to the user as one line instead of a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, FileNotFoundError, TypeError, ImportError, WeightsUnavailableError, RuntimeError,
+    ValueError, FileNotFoundError, TypeError, ImportError, WeightsUnavailableError, RuntimeError, OSError,
 )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,12 +51,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"recognite {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`recognite gallery info | head`): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except commands.USER_ERRORS as exc:
         if args.verbose:
             logger.exception("failed")
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"recognite {args.command}: error: {message}", file=sys.stderr)
-        return 2 if isinstance(exc, (ValueError, FileNotFoundError, TypeError)) else 1
+        print(f"recognite {args.command}: error: {one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, (ValueError, FileNotFoundError, TypeError, FileExistsError)) else 1
+
+
+def one_line(exc: BaseException) -> str:
+    """The whole message of ``exc`` on one line (a multi-line message is joined, nothing dropped).
+
+    >>> one_line(ValueError("2 files are missing.\\nFirst missing: a.png"))
+    '2 files are missing. First missing: a.png'
+    """
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

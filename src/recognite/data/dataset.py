@@ -10,6 +10,8 @@ import pandas as pd
 from PIL import Image
 from torch.utils.data import Dataset
 
+from recognite.data.images import read_image
+
 from ._checks import check_column, check_dataframe
 
 __all__ = ["DataFrameDataset"]
@@ -105,12 +107,7 @@ class DataFrameDataset(Dataset):
 
     def load_image(self, idx: int) -> Image.Image:
         """The PIL image of row ``idx`` (by position), in ``image_mode``, before ``transform``."""
-        path = self.df[self.image_key].iloc[idx]
-        with Image.open(path) as file_image:
-            if self.image_mode is None:
-                file_image.load()
-                return file_image.copy()
-            return file_image.convert(self.image_mode)
+        return read_image(self.df[self.image_key].iloc[idx], mode=self.image_mode)
 
     def int_label(self, idx: int) -> int:
         """The integer label of row ``idx`` (by position)."""

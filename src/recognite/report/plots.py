@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from recognite._atomic import atomic_path
+from recognite.data.images import read_image
 
 DPI = 100
 POSITIVE_COLOR = "#2ca02c"
@@ -294,15 +295,14 @@ class RetrievedItem:
 
 def _thumbnail(image_path: str, size: int) -> np.ndarray:
     try:
-        with Image.open(image_path) as image:
-            image = image.convert("RGB")
+        with read_image(image_path) as image:
             image.thumbnail((size, size), Image.Resampling.BICUBIC)
             if max(image.size) < size:  # enlarge tiny images so they are visible
                 scale = size / max(image.size)
                 new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
                 image = image.resize(new_size, Image.Resampling.NEAREST if scale >= 3 else Image.Resampling.BICUBIC)
             return np.asarray(image)
-    except OSError:
+    except (OSError, ValueError):  # unreadable: a grey square in the grid
         return np.full((size, size, 3), 200, dtype=np.uint8)
 
 

@@ -15,7 +15,7 @@ import yaml
 from recognite._atomic import atomic_write_text
 from recognite.data.transforms import RandomAffineOnBorder, RandomElasticOnBorder
 from recognite.model.backbones import check_model_name
-from recognite.utils.validate import check_int
+from recognite.utils.validate import InvalidTypeError, check_int
 
 LOSSES = ("norm_softmax", "cosface", "arcface", "subcenter_arcface")
 OPTIMIZERS = ("sgd", "adamw")
@@ -92,6 +92,7 @@ class TrainConfig:
 
     output_dir: str = _doc("Run folder: checkpoints, config.yaml, metrics.csv, report.", default="runs/recognite")
     resume: str | None = _doc("Checkpoint to resume from exactly, or 'auto' for output_dir/last.pt when present.", default=None)
+    overwrite: bool = _doc("Start a new run in an output_dir that already holds one, replacing its files (without it, such a folder is refused unless --resume is given).", default=False)
     seed: int = _doc("Seed for initialization, shuffling and augmentation.", default=0)
     device: str = _doc("Device: auto (CUDA when available), cpu or cuda.", default="auto")
     channels_last: bool = _doc("Train in the channels-last memory layout (NHWC), which convolutions on GPUs with tensor cores and on oneDNN CPUs can be faster in; the same results up to float rounding. Measure before relying on it (benchmarks/train_bench.py).", default=False)
@@ -106,6 +107,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check every field; raise ``ValueError`` naming the flag, the value and what is allowed."""
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, str(f.type), getattr(self, f.name)))
         if not self.data_csv:
             raise ValueError("--data-csv is required: a CSV file with columns for image paths and labels.")
         _positive_int("num_folds", self.num_folds, minimum=2)
@@ -203,7 +206,11 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        detail = " ".join(str(exc).split())
+        raise ValueError(f"Config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {detail}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -232,3 +239,43 @@ def _pair(name: str, value: Any, low: float, high: float) -> tuple[float, float]
     if not (low < a <= b <= high):
         raise ValueError(f"{_flag(name)} needs {low} < min <= max <= {high}, got {a} {b}.")
     return a, b
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """``value`` of a config field as its annotated type, or a ``ValueError`` naming the flag.
+
+    Strings from a config file are read as what they spell for booleans (``"no"`` is false), a
+    single string for a list field is a one-item list; anything else of the wrong type is refused
+    instead of surfacing later as a Python error.
+    """
+    optional = annotation.endswith("| None")
+    base = annotation.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise InvalidTypeError(f"{_flag(name)} must be true or false, got {value!r}.")
+    if base == "int":
+        return check_int(value, name, message=f"{_flag(name)} must be an integer, got {value!r}.")
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidTypeError(f"{_flag(name)} must be a number, got {value!r}.")
+        return float(value)
+    if base == "str":
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise InvalidTypeError(f"{_flag(name)} must be a string, got {value!r}.")
+        return str(value)
+    if base == "list[str]":
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise InvalidTypeError(f"{_flag(name)} must be a list of strings, got {value!r}.")
+        return list(value)
+    return value

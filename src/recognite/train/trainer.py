@@ -292,6 +292,59 @@ def _resume_path(config: TrainConfig, last_path: Path) -> Path | None:
     return Path(config.resume) if config.resume else None
 
 
+RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.yaml", "bundle")
+"""What a run writes into its folder; a new run refuses a folder holding any of them."""
+
+FIXED_ON_RESUME = ("data_csv", "image_key", "label_key", "num_folds", "val_fold", "fold_seed", "num_refs", "ref_seed",
+                   "model_name", "weights", "image_size", "loss", "num_subcenters", "rotation_classes", "optimizer",
+                   "lr", "momentum", "weight_decay", "warmup_epochs", "batch_size", "sampler", "pk_k",
+                   "max_steps_per_epoch", "seed", "metric", "checkpoint_metric")
+"""Options a checkpoint fixes: data, folds, model, label set, optimizer and learning-rate schedule
+(``--epochs`` may change: the cosine decay then runs to the new end from the current step)."""
+
+
+def _check_run_folder(config: TrainConfig, run_dir: Path, resume_path: Path | None) -> None:
+    """Refuse to start a new run over an earlier one (unless ``--overwrite``), or into a file."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--output-dir {str(run_dir)!r} is a file, not a folder; choose a folder.")
+    if resume_path is not None:
+        if resume_path.resolve().parent != run_dir.resolve():
+            raise ValueError(f"--resume {str(resume_path)!r} belongs to the run folder {str(resume_path.parent)!r}, but "
+                             f"--output-dir is {str(run_dir)!r}; resume with --output-dir {str(resume_path.parent)!r}.")
+        return
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if present and not config.overwrite:
+        raise FileExistsError(f"--output-dir {str(run_dir)!r} already holds a run ({', '.join(present)}); pass "
+                              "--resume auto to continue it, --overwrite to replace it, or choose another --output-dir.")
+
+
+def _check_resumable(config: TrainConfig, state: dict[str, Any], path: Path) -> None:
+    """Refuse options that differ from the checkpoint's where the checkpoint fixes them."""
+    saved = state.get("config") or {}
+    current = config.to_dict()
+    differ = []
+    for key in FIXED_ON_RESUME:
+        if key not in saved:
+            continue
+        old, new = saved[key], current[key]
+        if key == "data_csv":
+            old, new = os.path.abspath(str(old)), os.path.abspath(str(new))
+        if isinstance(old, (list, tuple)):
+            old, new = list(old), list(new)
+        if old != new:
+            differ.append(f"{key} ({old!r} in the checkpoint, {new!r} now)")
+    if differ:
+        raise ValueError(f"Cannot resume from {path}: options fixed by the checkpoint differ: {'; '.join(differ)}. "
+                         "Use the checkpoint's values, or start a new run in another --output-dir.")
+
+
+def _check_labels(fold_labels: list[str], state: dict[str, Any], path: Path) -> None:
+    saved = state.get("label_names")
+    if saved is not None and list(saved) != list(fold_labels):
+        raise ValueError(f"Cannot resume from {path}: its training labels ({len(saved)}) are not the labels of "
+                         f"this data's training folds ({len(fold_labels)}); the data CSV changed.")
+
+
 def _datasets(config: TrainConfig, model: Recognizer) -> tuple[Dataset, Dataset, Dataset]:
     preprocessing = model.preprocessing
     tfm_train = train_transform(preprocessing, config.image_size, config.rrc_scale, config.rrc_ratio, config.hflip,
@@ -332,7 +385,10 @@ def _setup_fold(config: TrainConfig, info: distributed.DistInfo) -> tuple[_Fold,
         torch.cuda.set_device(device)
     run_dir = Path(config.output_dir)
     resume_path = _resume_path(config, run_dir / "last.pt")
+    _check_run_folder(config, run_dir, resume_path)
     resume_state = load_checkpoint(resume_path) if resume_path else None
+    if resume_state is not None:
+        _check_resumable(config, resume_state, resume_path)
 
     torch.manual_seed(config.seed)  # model init (DDP broadcasts rank 0's parameters anyway)
     model = Recognizer(config.model_name, weights=config.weights, num_subcenters=1,
@@ -362,6 +418,8 @@ def _setup_fold(config: TrainConfig, info: distributed.DistInfo) -> tuple[_Fold,
         ds_query=ds_query, pk=pk, steps_per_epoch=steps_per_epoch,
         label_names=sorted(ds_train.label_to_int, key=ds_train.label_to_int.get),
     )
+    if resume_state is not None:
+        _check_labels(fold.label_names, resume_state, resume_path)
     progress = _restore(fold, resume_state, resume_path)
     if info.enabled:
         fold.train_model = nn.parallel.DistributedDataParallel(

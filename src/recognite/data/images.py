@@ -1,0 +1,82 @@
+"""The one image loader of the library, for training and inference alike.
+
+:func:`read_image` opens an image file and returns a PIL image that is safe to feed a transform:
+
+- refused before decoding when it has more than :data:`MAX_IMAGE_PIXELS` pixels (a
+  "decompression bomb": a small PNG that would decode to gigabytes);
+- turned upright according to its EXIF orientation (phone photos store it there);
+- 16-bit and 32-bit integer images scaled to 8 bits (``convert('RGB')`` would clip them to white),
+  float images scaled from ``[0, 1]``;
+- converted to ``mode`` (``'RGB'`` by default).
+
+Every failure is a ``ValueError`` (or ``FileNotFoundError``) naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["MAX_IMAGE_PIXELS", "read_image"]
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Largest image accepted, in pixels (Pillow's own warning limit, about 9459 x 9459)."""
+
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def _to_eight_bit(image: Image.Image) -> Image.Image:
+    """High bit-depth single-channel images as ``L``, scaled (not clipped) to 0..255."""
+    if image.mode in _EIGHT_BIT_MODES:
+        return image
+    values = np.asarray(image)
+    if image.mode == "F":
+        values = values.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        top = 1.0 if finite.size == 0 or finite.max() <= 1.0 else 255.0
+        scaled = np.nan_to_num(values, nan=0.0) * (255.0 / top)
+    else:  # "I", "I;16", "I;16B", "I;16L", ...: integers of 16 bits (or 32 bits holding 16)
+        values = values.astype(np.int64)
+        top = 65535.0 if values.max(initial=0) > 255 or "16" in image.mode else 255.0
+        scaled = values * (255.0 / top)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def read_image(path: str | os.PathLike, mode: str | None = "RGB") -> Image.Image:
+    """Read an image file as described in the module docstring.
+
+    Args:
+        path: The image file.
+        mode: PIL mode of the result; ``None`` keeps the file's (8-bit) mode.
+
+    Returns:
+        The decoded image (loaded, the file closed).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Not an image, a corrupt or truncated one, or one over :data:`MAX_IMAGE_PIXELS`.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Image file {os.fspath(path)!r} does not exist.")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as file_image:
+                width, height = file_image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ValueError(f"The image {os.fspath(path)} is {width} x {height} pixels, more than the "
+                                     f"limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb?); it was not decoded.")
+                file_image.load()
+                image = ImageOps.exif_transpose(file_image)
+                image = _to_eight_bit(image)
+                if mode is not None and image.mode != mode:
+                    image = image.convert(mode)
+                elif image is file_image:
+                    image = image.copy()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+            SyntaxError) as exc:
+        raise ValueError(f"Could not read the image {os.fspath(path)}: {exc}") from exc
+    return image
