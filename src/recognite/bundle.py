@@ -13,6 +13,7 @@ A bundle folder holds two files:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from recognite._atomic import FILE_MODE
 from recognite._bundle_files import (
     BUNDLE_FILE,
     BUNDLE_FORMAT,
@@ -35,9 +37,9 @@ from recognite._bundle_files import (
 )
 from recognite.checkpoint import checkpoint_threshold, epoch_row, load_checkpoint
 from recognite.model.recognizer import Recognizer, load_bundle_model
-from recognite.preprocessing import Preprocessing
+from recognite.preprocessing import MAX_SIDE, Preprocessing
 from recognite.utils.device import resolve_device
-from recognite.utils.validate import check_int, check_threshold
+from recognite.utils.validate import check_cosine_threshold, check_int, check_threshold
 
 __all__ = [
     "BUNDLE_FILE",
@@ -109,8 +111,16 @@ class Bundle:
 
 
 def _check_image_size(image_size: Any) -> int:
-    return check_int(image_size, "image_size", minimum=1,
-                     message=f"image_size must be a positive integer (the network input side in pixels), got {image_size!r}.")
+    check_int(image_size, "image_size", minimum=1,
+              message=f"image_size must be a positive integer (the network input side in pixels), got {image_size!r}.")
+    return check_int(image_size, "image_size", maximum=MAX_SIDE)
+
+
+def config_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of what in ``bundle.json`` changes predictions, besides the threshold: the model
+    config, the preprocessing, the image size and the label names (canonical JSON)."""
+    covered = {key: manifest.get(key) for key in ("model", "preprocessing", "image_size", "label_names")}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
 
 
 def _check_threshold(threshold: Any) -> float | None:
@@ -124,7 +134,7 @@ def _check_threshold(threshold: Any) -> float | None:
         return None
     if not math.isfinite(value):
         raise ValueError(f"threshold must be a finite number (a cosine similarity) or None, got {value!r}.")
-    return value
+    return check_cosine_threshold(value)
 
 
 def _check_label_names(label_names: Any, num_classes: int | None) -> list[str] | None:
@@ -251,11 +261,15 @@ def save_bundle(
             "label_names": names,
             "weights_file": WEIGHTS_FILE,
             "weights_sha256": sha256_file(weights_path),
+            "config_sha256": "",
             "metadata": metadata,
         }
+        manifest["config_sha256"] = config_digest(manifest)
+        os.chmod(weights_path, FILE_MODE)
         with open(tmp_dir / BUNDLE_FILE, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, allow_nan=False)
             f.write("\n")
+        os.chmod(tmp_dir / BUNDLE_FILE, FILE_MODE)
         _install_folder(tmp_dir, path)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -288,13 +302,22 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
     """
     folder = Path(path).expanduser()
     model, manifest, digest = load_bundle_model(folder, verify=verify)
+    source = f"{folder / BUNDLE_FILE}"
+    recorded = manifest.get("config_sha256")
+    if recorded and recorded != config_digest(manifest):  # bundles of 0.1.0 have none
+        raise ValueError(f"{source} was edited after the bundle was saved: its model, preprocessing, image_size or "
+                         "label_names no longer match its config_sha256. Restore it, or save a new bundle.")
+    try:
+        image_size = check_int(manifest["image_size"], "image_size", 1, MAX_SIDE)
+        threshold = check_cosine_threshold(manifest.get("threshold"))
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
     model.to(resolve_device(device)).eval()
-    threshold = manifest.get("threshold")
     return Bundle(
         model=model,
         preprocessing=model.preprocessing,
-        image_size=_check_image_size(manifest["image_size"]),
-        threshold=None if threshold is None else float(threshold),
+        image_size=image_size,
+        threshold=threshold,
         label_names=manifest.get("label_names"),
         metadata=manifest.get("metadata") or {},
         path=folder,

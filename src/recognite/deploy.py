@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from recognite._atomic import atomic_path
+from recognite._atomic import atomic_path, file_lock, refuse_overwriting_inputs
 from recognite.bundle import Bundle, load_bundle
 from recognite.embedding import (
     ImageList,
@@ -27,7 +28,7 @@ from recognite.embedding import (
     save_embeddings,
 )
 from recognite.gallery import GalleryIndex
-from recognite.utils.validate import check_int, check_threshold
+from recognite.utils.validate import check_cosine_threshold, check_int
 
 __all__ = [
     "Recognitions",
@@ -40,6 +41,8 @@ __all__ = [
     "remove_from_gallery",
     "write_recognitions",
 ]
+
+logger = logging.getLogger(__name__)
 
 FROM_BUNDLE = "bundle"
 """``threshold=FROM_BUNDLE``: use the threshold stored in the bundle."""
@@ -67,11 +70,25 @@ def read_references(csv_file: str | os.PathLike | None = None, folder: str | os.
 
 
 def check_gallery_fits(bundle: Bundle, gallery: GalleryIndex, gallery_path: str | os.PathLike) -> None:
-    """Refuse a gallery whose embedding width is not the bundle's."""
+    """Refuse a gallery built by another model than the bundle's (or of another embedding width).
+
+    Galleries record the SHA-256 of the bundle weights that built them (``model_id``); galleries
+    written before that was recorded are accepted with a warning.
+    """
     if gallery.dim is not None and gallery.dim != bundle.embedding_dim:
         raise ValueError(f"The gallery {gallery_path} holds {gallery.dim}-dimensional embeddings but the bundle "
                          f"{bundle.path} makes {bundle.embedding_dim}-dimensional ones: use the bundle the gallery "
                          "was built with.")
+    if gallery.model_id is None:
+        if len(gallery):
+            logger.warning("The gallery %s does not record which model built it; make sure it is %s's.",
+                           gallery_path, bundle.path)
+        return
+    if bundle.weights_sha256 and gallery.model_id != bundle.weights_sha256:
+        raise ValueError(f"The gallery {gallery_path} was built with another model (weights SHA-256 "
+                         f"{gallery.model_id[:12]}...) than the bundle {bundle.path} ({bundle.weights_sha256[:12]}...): "
+                         "its scores would mean nothing. Use the bundle the gallery was built with, or build a new "
+                         "gallery with this one.")
 
 
 def embed_to_file(bundle: Bundle | str | os.PathLike, inputs: Sequence[str], output: str | os.PathLike,
@@ -82,8 +99,9 @@ def embed_to_file(bundle: Bundle | str | os.PathLike, inputs: Sequence[str], out
     Returns:
         ``(number of images, embedding dimension, whether labels were written)``.
     """
-    bundle = _bundle(bundle, device)
     images = list_images(inputs, image_key=image_key, label_key=label_key)
+    refuse_overwriting_inputs(output, images.sources)
+    bundle = _bundle(bundle, device)
     embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress)
     meta = {"bundle": os.path.abspath(bundle.path) if bundle.path else None, "weights_sha256": bundle.weights_sha256}
     save_embeddings(output, embeddings, images.paths, images.labels, metadata=meta)
@@ -95,14 +113,16 @@ def build_gallery(bundle: Bundle | str | os.PathLike, references: ImageList, out
                   nprobe: int | None = None, batch_size: int = 64, num_workers: int = 0,
                   device: str | torch.device | None = "auto", progress: bool = False) -> tuple[GalleryIndex, Path]:
     """Embed reference images and write a new gallery file; returns the gallery and where it went."""
+    refuse_overwriting_inputs(output, references.sources)
     kwargs: dict[str, Any] = {"nlist": nlist}
     if nprobe is not None:
         kwargs["nprobe"] = nprobe
     gallery = GalleryIndex(aggregation=aggregation, backend=backend, **kwargs)
     bundle = _bundle(bundle, device)
+    gallery.model_id = bundle.weights_sha256
     gallery.add(_embed(bundle, references.paths, batch_size, num_workers, progress), references.labels,
                 ids=references.paths)
-    return gallery, gallery.save(output)
+    return gallery, Path(gallery.save(output))
 
 
 def add_to_gallery(bundle: Bundle | str | os.PathLike, gallery_path: str | os.PathLike, references: ImageList,
@@ -113,13 +133,24 @@ def add_to_gallery(bundle: Bundle | str | os.PathLike, gallery_path: str | os.Pa
     Returns:
         ``(gallery, path written, number of new labels)``.
     """
-    gallery = GalleryIndex.load(gallery_path)
+    gallery_path = GalleryIndex.resolve_path(gallery_path)
+    refuse_overwriting_inputs(gallery_path, references.sources)
     bundle = _bundle(bundle, device)
-    check_gallery_fits(bundle, gallery, gallery_path)
-    before = len(gallery.labels)
-    gallery.add(_embed(bundle, references.paths, batch_size, num_workers, progress), references.labels,
-                ids=references.paths)
-    return gallery, gallery.save(gallery_path), len(gallery.labels) - before
+    with file_lock(gallery_path):  # writers of one gallery file take turns: no update is lost
+        gallery = GalleryIndex.load(gallery_path)
+        check_gallery_fits(bundle, gallery, gallery_path)
+        known = set(zip(gallery.ids or [], gallery.reference_labels)) if gallery.ids is not None else set()
+        keep = [i for i, item in enumerate(zip(references.paths, references.labels)) if item not in known]
+        if len(keep) < len(references):
+            logger.warning("%d of %d references are already in %s (same image and label) and were skipped.",
+                           len(references) - len(keep), len(references), gallery_path)
+        before = len(gallery.labels)
+        if keep:
+            paths = [references.paths[i] for i in keep]
+            gallery.add(_embed(bundle, paths, batch_size, num_workers, progress),
+                        [references.labels[i] for i in keep], ids=paths)
+        written = Path(gallery.save(gallery_path))
+    return gallery, written, len(gallery.labels) - before
 
 
 def remove_from_gallery(gallery_path: str | os.PathLike, labels: Sequence[str]) -> tuple[GalleryIndex, Path, int]:
@@ -128,9 +159,12 @@ def remove_from_gallery(gallery_path: str | os.PathLike, labels: Sequence[str]) 
     Returns:
         ``(gallery, path written, number of references removed)``.
     """
-    gallery = GalleryIndex.load(gallery_path)
-    removed = gallery.remove(labels)
-    return gallery, gallery.save(gallery_path), removed
+    gallery_path = GalleryIndex.resolve_path(gallery_path)
+    with file_lock(gallery_path):
+        gallery = GalleryIndex.load(gallery_path)
+        removed = gallery.remove(labels)
+        written = Path(gallery.save(gallery_path))
+    return gallery, written, removed
 
 
 @dataclass
@@ -143,11 +177,13 @@ class Recognitions:
             reference id); non-finite scores are ``None``.
         threshold: The threshold used (``None``: never unknown).
         top_k: Labels listed per image (at most the number of gallery labels).
+        sources: The inputs the images came from (never overwritten by :func:`write_recognitions`).
     """
 
     records: list[dict[str, Any]]
     threshold: float | None
     top_k: int
+    sources: list[str] = field(default_factory=list)
 
     @property
     def num_unknown(self) -> int:
@@ -189,10 +225,11 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
     check_gallery_fits(bundle, gallery, gallery_path)
     if isinstance(threshold, str) and threshold == FROM_BUNDLE:
         threshold = bundle.threshold
-    threshold = check_threshold(threshold)
+    threshold = check_cosine_threshold(threshold)
     embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress)
     result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe)
-    return Recognitions(records=_records(images, result), threshold=threshold, top_k=min(top_k, len(gallery.labels)))
+    return Recognitions(records=_records(images, result), threshold=threshold, top_k=min(top_k, len(gallery.labels)),
+                        sources=images.sources)
 
 
 def _fmt(score: float | None) -> str:
@@ -229,6 +266,7 @@ def write_recognitions(path: str | os.PathLike, recognitions: Recognitions, cont
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
         raise ValueError(f"--output must end in .csv or .json, got {str(path)!r}.")
+    refuse_overwriting_inputs(path, recognitions.sources)
     if suffix == ".json":
         document = {**(context or {}), "threshold": recognitions.threshold, "top_k": recognitions.top_k,
                     "results": recognitions.records}
@@ -255,6 +293,7 @@ def export_bundle(bundle: Bundle | str | os.PathLike, output: str | os.PathLike,
     if format == "onnx":
         import_onnx()  # fail before loading the model
     bundle = _bundle(bundle, device)
+    refuse_overwriting_inputs(output, [], protected_folders=[bundle.path] if bundle.path else [])
     metadata = {"preprocessing": bundle.preprocessing.to_dict(), "embedding_dim": bundle.embedding_dim,
                 "model_name": bundle.model.model_name, "threshold": bundle.threshold,
                 "weights_sha256": bundle.weights_sha256}
@@ -264,4 +303,8 @@ def export_bundle(bundle: Bundle | str | os.PathLike, output: str | os.PathLike,
         export_torchscript(bundle.model, output, bundle.image_size, metadata=metadata)
     if not check:
         return None
-    return check_export(bundle.model, output, format, bundle.image_size, atol=atol)
+    try:
+        return check_export(bundle.model, output, format, bundle.image_size, atol=atol)
+    except Exception:
+        Path(output).unlink(missing_ok=True)  # a graph that failed its parity check is not left behind
+        raise

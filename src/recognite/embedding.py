@@ -51,10 +51,13 @@ class ImageList:
     Attributes:
         paths: (N,) absolute image paths.
         labels: (N,) label strings, or ``None`` when at least one source has no labels.
+        sources: The files and folders the list was read from (CSVs, folders, image files), so
+            that an output is never written over one of them.
     """
 
     paths: list[str] = field(default_factory=list)
     labels: list[str] | None = None
+    sources: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -91,7 +94,8 @@ def read_image_csv(csv_file: str | os.PathLike, image_key: str = "image", label_
 
     if label_key is not None:
         df = load_csv(csv_file, image_key=image_key, label_key=label_key)
-        return ImageList(paths=[str(p) for p in df[image_key]], labels=[str(v) for v in df[label_key]])
+        return ImageList(paths=[str(p) for p in df[image_key]], labels=[str(v) for v in df[label_key]],
+                         sources=[os.path.abspath(csv_file)])
     csv_path = Path(csv_file)
     if not csv_path.is_file():
         raise FileNotFoundError(f"CSV file not found: {str(csv_path)!r}.")
@@ -114,7 +118,7 @@ def read_image_csv(csv_file: str | os.PathLike, image_key: str = "image", label_
         raise FileNotFoundError(f"{len(missing)} of {len(paths)} image files listed in column {image_key!r} of "
                                 f"{str(csv_path)!r} were not found (relative paths are resolved against the CSV's "
                                 f"folder), e.g. {', '.join(missing[:_MAX_LISTED])}.")
-    return ImageList(paths=paths, labels=None)
+    return ImageList(paths=paths, labels=None, sources=[os.path.abspath(csv_path)])
 
 
 def read_image_folder(root: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> ImageList:
@@ -131,7 +135,8 @@ def read_image_folder(root: str | os.PathLike, extensions: Iterable[str] = IMAGE
         raise ValueError(f"--folder must be a folder with one subfolder per label, but {str(root)!r} is a file.")
     df = folder_to_csv(root_path, extensions=extensions)
     base = root_path.resolve()
-    return ImageList(paths=[str(base / p) for p in df["image"]], labels=[str(v) for v in df["label"]])
+    return ImageList(paths=[str(base / p) for p in df["image"]], labels=[str(v) for v in df["label"]],
+                     sources=[str(base)])
 
 
 def list_images(
@@ -196,7 +201,7 @@ def list_images(
             labels = None
         else:
             raise ValueError(f"Input {str(item)!r} is neither an image ({', '.join(exts)}), a folder nor a .csv file.")
-    return ImageList(paths=paths, labels=labels)
+    return ImageList(paths=paths, labels=labels, sources=[os.path.abspath(Path(item).expanduser()) for item in inputs])
 
 
 class _ImageFiles(Dataset):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -13,9 +14,11 @@ from recognite.data import load_csv, split_gallery_query
 from recognite.embedding import embed_images
 from recognite.eval import episode_accuracy
 from recognite.eval.summary import summary_metrics
-from recognite.utils.validate import check_int, check_threshold
+from recognite.utils.validate import check_cosine_threshold, check_int
 
 __all__ = ["evaluate_bundle"]
+
+logger = logging.getLogger(__name__)
 
 _FROM_BUNDLE = "bundle"
 
@@ -24,7 +27,13 @@ def _split(data_csv: str | os.PathLike, gallery_csv: str | os.PathLike | None, n
            image_key: str, label_key: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     df = load_csv(data_csv, image_key, label_key)
     if gallery_csv:
-        return load_csv(gallery_csv, image_key, label_key), df
+        df_gallery = load_csv(gallery_csv, image_key, label_key)
+        shared = set(df_gallery[image_key]) & set(df[image_key])
+        if shared:
+            logger.warning("%d images are both gallery references (%s) and queries (%s), e.g. %s: each finds itself, "
+                           "so top-1 and mAP are inflated. Use disjoint CSVs.", len(shared), gallery_csv, data_csv,
+                           sorted(shared)[0])
+        return df_gallery, df
     df_gallery, df_query = split_gallery_query(df, num_refs=num_refs, seed=ref_seed, label_key=label_key)
     if len(df_query) == 0:
         raise ValueError(f"No query images: every label of {data_csv} has at most --num-refs {num_refs} images.")
@@ -105,7 +114,9 @@ def evaluate_bundle(
     check_int(episodes, "episodes", minimum=0)
     if not isinstance(bundle, Bundle):
         bundle = load_bundle(bundle, device=device)
-    threshold = bundle.threshold if isinstance(threshold, str) and threshold == _FROM_BUNDLE else check_threshold(threshold)
+    if isinstance(threshold, str) and threshold == _FROM_BUNDLE:
+        threshold = bundle.threshold
+    threshold = check_cosine_threshold(threshold)
     df_gallery, df_query = _split(data_csv, gallery_csv, num_refs, ref_seed, image_key, label_key)
     names = sorted(set(df_gallery[label_key]) | set(df_query[label_key]))
     to_int = {name: i for i, name in enumerate(names)}

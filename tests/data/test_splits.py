@@ -145,7 +145,9 @@ def test_k_fold_does_not_modify_input():
         ({"num_folds": 5, "val_fold": 5}, ValueError, r"val_fold must be in 0\.\.4.*got 5"),
         ({"num_folds": 5, "val_fold": -1}, ValueError, r"val_fold must be in 0\.\.4.*got -1"),
         ({"num_folds": 1, "val_fold": 0}, ValueError, r"num_folds must be at least 2.*got 1"),
-        ({"num_folds": 24}, ValueError, r"num_folds \(24\).*unique labels \(23\)"),
+        # More folds than labels is allowed (SPEC 1.2, as in the earlier release) unless the
+        # validation fold is one of the empty ones.
+        ({"num_folds": 24, "val_fold": 23}, ValueError, r"Validation fold 23 is empty: 23 labels.*num_folds=24"),
         ({"num_folds": 5.0}, TypeError, r"num_folds must be an integer.*5\.0"),
         ({"val_fold": True}, TypeError, r"val_fold must be an integer"),
         ({"seed": -1}, ValueError, r"seed must be >= 0"),
@@ -273,3 +275,16 @@ def test_gallery_choice_is_seeded_and_varies():
 def test_gallery_bad_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         split_gallery_query(_make_df(), **kwargs)
+
+
+def test_more_folds_than_labels_warns_and_works_like_the_earlier_release():
+    df = _make_df(num_labels=3)
+    with pytest.warns(UserWarning, match=r"num_folds \(5\) is larger than the number of unique labels \(3\)"):
+        df_train, df_val = k_fold_trainval_split(df, num_folds=5, val_fold=0)
+    assert df_val["label"].nunique() == 1 and df_train["label"].nunique() == 2
+    assert set(df_val["label"]).isdisjoint(df_train["label"])
+
+
+def test_a_single_label_cannot_be_split_into_folds():
+    with pytest.raises(ValueError, match="need at least 2 labels"):
+        k_fold_trainval_split(_make_df(num_labels=1), num_folds=2)

@@ -205,7 +205,7 @@ def test_missing_image_files(dataset_csv):
         ({"num_folds": 3, "val_fold": 3}, ValueError, r"val_fold must be in 0\.\.2.*got 3"),
         ({"val_fold": -1}, ValueError, r"val_fold must be in 0\.\.4"),
         ({"num_folds": 1}, ValueError, r"num_folds must be at least 2"),
-        ({"num_folds": 9}, ValueError, r"num_folds \(9\) is larger than .* labels \(8\)"),
+        ({"num_folds": 9, "val_fold": 8}, ValueError, r"Validation fold 8 is empty: 8 labels"),
         ({"num_refs": 0}, ValueError, r"num_refs must be >= 1, got 0"),
         ({"num_folds": "5"}, TypeError, r"num_folds must be an integer"),
         ({"num_refs": 1.0}, TypeError, r"num_refs must be an integer"),

@@ -125,6 +125,7 @@ def _run_gallery_info(args: argparse.Namespace) -> int:
     gallery = GalleryIndex.load(args.gallery)
     info = gallery.info()
     info.pop("device", None)
+    info["model_id"] = gallery.model_id
     if args.json:
         if args.list_labels:
             info["label_counts"] = gallery.label_counts()

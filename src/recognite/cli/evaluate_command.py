@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from recognite._atomic import atomic_write_text
+from recognite._atomic import atomic_write_text, refuse_overwriting_inputs
 from recognite.cli._options import add_bundle, add_csv_keys, add_loading
 
 logger = logging.getLogger("recognite")
@@ -21,6 +21,9 @@ def evaluate_bundle_on_csv(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.num_refs < 1:
         raise ValueError(f"--num-refs must be >= 1, got {args.num_refs}.")
+    if args.output:
+        refuse_overwriting_inputs(args.output, [p for p in (args.data_csv, args.gallery_csv) if p],
+                                  protected_folders=[args.bundle])
     return evaluate_bundle(
         args.bundle, args.data_csv, gallery_csv=args.gallery_csv, num_refs=args.num_refs, ref_seed=args.ref_seed,
         threshold="bundle" if args.threshold is None else args.threshold, episodes=args.episodes,
@@ -37,7 +40,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         shown = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else str(value)
         print(f"{key:<{width}}  {shown}")
     if args.output:
-        atomic_write_text(Path(args.output), json.dumps(metrics, indent=2) + "\n")
+        # Non-finite figures (nan: no trial of that kind) are written as null: NaN is not JSON.
+        finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in metrics.items()}
+        atomic_write_text(Path(args.output), json.dumps(finite, indent=2, allow_nan=False) + "\n")
         logger.info("Metrics written to %s", args.output)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -96,6 +97,7 @@ def load_csv(
                 f"cells, e.g. on lines {lines}."
             )
 
+    _warn_near_duplicate_labels(df[label_key], csv_path)
     csv_dir = os.path.dirname(os.path.abspath(csv_path))
     df[image_key] = [
         p if os.path.isabs(p) else os.path.normpath(os.path.join(csv_dir, p))
@@ -112,4 +114,36 @@ def load_csv(
                 f"resolved against the CSV file's folder '{csv_dir}'). First "
                 f"missing:\n  {listed}{more}"
             )
+    _warn_duplicate_images(df[image_key], csv_path)
     return df.reset_index(drop=True)
+
+
+def _warn_near_duplicate_labels(labels: pd.Series, csv_path: Path) -> None:
+    """Warn (naming them) about labels that differ only by surrounding spaces; labels are kept
+    as they are, so folds stay those of the earlier release."""
+    groups: dict[str, set[str]] = {}
+    for label in labels.unique():
+        groups.setdefault(str(label).strip(), set()).add(str(label))
+    clashes = [sorted(v) for v in groups.values() if len(v) > 1]
+    if clashes:
+        shown = "; ".join(" vs ".join(repr(v) for v in group) for group in clashes[:_MAX_LISTED])
+        warnings.warn(
+            f"{len(clashes)} labels of '{csv_path}' differ only by surrounding spaces and count as separate "
+            f"classes: {shown}. Fix the CSV if they are the same class.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _warn_duplicate_images(paths: pd.Series, csv_path: Path) -> None:
+    """Warn about images listed more than once: one copy may become a gallery reference and the
+    other a query, which inflates every retrieval metric."""
+    duplicated = paths[paths.duplicated(keep="first")].unique()
+    if len(duplicated):
+        warnings.warn(
+            f"{len(duplicated)} images are listed more than once in '{csv_path}', e.g. "
+            f"{', '.join(duplicated[:_MAX_LISTED])}; a copy in the gallery and one among the queries inflates "
+            "top-1 and mAP. Remove the duplicate rows.",
+            UserWarning,
+            stacklevel=3,
+        )

@@ -63,11 +63,24 @@ def k_fold_trainval_split(
     check_label_column(df, label_key)
 
     labels = np.asarray(df[label_key].unique())
-    if num_folds > len(labels):
+    if len(labels) < 2:
         raise ValueError(
-            f"num_folds ({num_folds}) is larger than the number of unique labels "
-            f"({len(labels)}) in column {label_key!r}: some folds would be empty. "
-            f"Use num_folds <= {len(labels)}."
+            f"Column {label_key!r} has {len(labels)} unique label(s); label-disjoint training and "
+            "validation folds need at least 2 labels (one to train on, one to validate on)."
+        )
+    if num_folds > len(labels):
+        # Allowed as in the earlier release, as long as the folds used are not empty.
+        if val_fold >= len(labels):
+            raise ValueError(
+                f"Validation fold {val_fold} is empty: {len(labels)} labels fill only folds "
+                f"0..{len(labels) - 1} of num_folds={num_folds}. Use val_fold < {len(labels)} or "
+                f"num_folds <= {len(labels)}."
+            )
+        warnings.warn(
+            f"num_folds ({num_folds}) is larger than the number of unique labels ({len(labels)}) "
+            f"in column {label_key!r}: folds {len(labels)}..{num_folds - 1} are empty.",
+            UserWarning,
+            stacklevel=2,
         )
 
     # Shuffling the positions draws exactly the same random numbers as the

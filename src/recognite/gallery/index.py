@@ -6,6 +6,7 @@ import difflib
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -155,6 +156,8 @@ class GalleryIndex:
         nprobe: IVF cells visited per query (more = higher recall, slower).
         ivf_train_size: rows sampled for IVF k-means; None = ``50 * nlist`` (at most all).
         device: device for the torch backend's search matrix (default CPU). Results are on CPU.
+        model_id: what identifies the model that embeds the references (the SHA-256 of a
+            bundle's weights); saved with the gallery so that another model's queries are refused.
 
     Example:
         >>> gallery = GalleryIndex()
@@ -178,8 +181,10 @@ class GalleryIndex:
         nprobe: int = DEFAULT_NPROBE,
         ivf_train_size: int | None = None,
         device: str | torch.device | None = None,
+        model_id: str | None = None,
     ) -> None:
         self._dim = _check_positive_int("dim", dim, allow_none=True)
+        self.model_id = model_id
         self._aggregation = _check_choice("aggregation", aggregation, AGGREGATIONS)
         self._embeddings = torch.zeros(0, self._dim or 0)
         self._codes = torch.zeros(0, dtype=torch.long)
@@ -581,6 +586,7 @@ class GalleryIndex:
             "aggregation": self._aggregation,
             "backend": {"name": self._backend, "nlist": self._nlist, "nprobe": self._nprobe, "ivf_train_size": self._ivf_train_size},
             "has_ids": self._ids is not None,
+            "model_id": self.model_id,
         }
         _io.write_file(target, tensors, metadata)
         return str(target)
@@ -661,4 +667,11 @@ class GalleryIndex:
         gallery._labels = labels
         gallery._label_to_code = {x: c for c, x in enumerate(labels)}
         gallery._ids = ids
+        model_id = meta.get("model_id")
+        gallery.model_id = str(model_id) if model_id is not None else None
         return gallery
+
+    @staticmethod
+    def resolve_path(path: str | os.PathLike[str]) -> Path:
+        """The file a gallery path names: a folder means ``<folder>/gallery.safetensors``."""
+        return _io.resolve_path(path)

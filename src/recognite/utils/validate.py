@@ -16,7 +16,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["InvalidTypeError", "check_choice", "check_int", "check_number", "check_threshold"]
+__all__ = ["InvalidTypeError", "check_choice", "check_cosine_threshold", "check_int", "check_number", "check_threshold"]
 
 
 class InvalidTypeError(TypeError, ValueError):
@@ -101,4 +101,25 @@ def check_threshold(threshold: Any, name: str = "threshold") -> float | None:
     value = float(threshold)
     if math.isnan(value):
         raise ValueError(f"{name} must be a number (or None), got {value!r}.")
+    return value
+
+
+COSINE_SLACK = 1e-5
+"""How far outside [-1, 1] a cosine threshold may lie (float rounding of unit vectors)."""
+
+
+def check_cosine_threshold(threshold: Any, name: str = "threshold") -> float | None:
+    """A threshold on cosine similarities: ``None`` or a number in ``[-1, 1]``.
+
+    A threshold outside the range scores can take would silently accept or reject every query.
+
+    >>> check_cosine_threshold(2.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: threshold must be in [-1, 1] (a cosine similarity) or None, got 2.0.
+    """
+    value = check_threshold(threshold, name)
+    # float32 cosines of (near-)duplicates reach 1 + a few ulps; so does a threshold just above them
+    if value is not None and not -1.0 - COSINE_SLACK <= value <= 1.0 + COSINE_SLACK:
+        raise ValueError(f"{name} must be in [-1, 1] (a cosine similarity) or None, got {value!r}.")
     return value
