@@ -58,10 +58,18 @@ def _register_bundle(sub: argparse._SubParsersAction) -> None:
 # --- embed ------------------------------------------------------------------------------------
 
 
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """Positional inputs plus every ``--csv`` (one spelling for a CSV of images everywhere)."""
+    inputs = list(args.inputs) + list(args.csv)
+    if not inputs:
+        raise ValueError("No inputs given: pass image files, folders or CSV files (positionally or with --csv).")
+    return inputs
+
+
 def _run_embed(args: argparse.Namespace) -> int:
     from recognite.deploy import embed_to_file
 
-    count, dim, labelled = embed_to_file(args.bundle, args.inputs, args.output, image_key=args.image_key,
+    count, dim, labelled = embed_to_file(args.bundle, _inputs(args), args.output, image_key=args.image_key,
                                          label_key=args.label_key, **_loading(args))
     logger.info("Wrote %d embeddings of dimension %d%s to %s", count, dim, " with labels" if labelled else "",
                 args.output)
@@ -74,7 +82,9 @@ def _register_embed(sub: argparse._SubParsersAction) -> None:
         description="Compute the embeddings of images with a model bundle. Inputs are image files, folders "
         "(searched recursively) or CSV files (column --image-key; labels from --label-key when present).")
     add_bundle(p)
-    p.add_argument("inputs", nargs="+", help="Image files, folders or CSV files.")
+    p.add_argument("inputs", nargs="*", help="Image files, folders or CSV files.")
+    p.add_argument("--csv", action="append", default=[], help="A CSV of images (column --image-key), as in `gallery "
+                   "build --csv`; may be repeated, and combined with positional inputs.")
     p.add_argument("--output", required=True, help="Embeddings file to write (.safetensors).")
     add_csv_keys(p)
     add_loading(p)
@@ -225,7 +235,7 @@ def _run_recognize(args: argparse.Namespace) -> int:
     if output is not None and output.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--output must end in .csv or .json, got {args.output!r}.")
     threshold = FROM_BUNDLE if args.threshold is _FROM_BUNDLE else args.threshold
-    answers = recognize_images(args.bundle, args.gallery, args.inputs, top_k=args.top_k, threshold=threshold,
+    answers = recognize_images(args.bundle, args.gallery, _inputs(args), top_k=args.top_k, threshold=threshold,
                                backend=args.backend, nprobe=args.nprobe, image_key=args.image_key,
                                label_key=args.label_key, **_loading(args))
     if answers.threshold is None:
@@ -251,7 +261,9 @@ def _register_recognize(sub: argparse._SubParsersAction) -> None:
         "label, or 'unknown' when its cosine similarity is below the threshold.")
     add_bundle(p)
     p.add_argument("--gallery", required=True, help="Gallery file (made by `recognite gallery build`).")
-    p.add_argument("inputs", nargs="+", help="Image files, folders or CSV files.")
+    p.add_argument("inputs", nargs="*", help="Image files, folders or CSV files.")
+    p.add_argument("--csv", action="append", default=[], help="A CSV of images (column --image-key), as in `gallery "
+                   "build --csv`; may be repeated, and combined with positional inputs.")
     p.add_argument("--top-k", type=int, default=5, help="Labels listed per image (default: 5).")
     p.add_argument("--threshold", type=_parse_threshold, default=_FROM_BUNDLE,
                    help="Cosine-similarity threshold below which the answer is 'unknown'; 'none' never answers "

@@ -41,7 +41,9 @@ def check_scores(
     if scores.dim() != 2:
         raise ValueError(f"scores must have shape (Q, G), got shape {tuple(scores.shape)}")
     if not scores.dtype.is_floating_point:
-        raise TypeError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
+        if scores.dtype.is_complex or scores.dtype == torch.bool:
+            raise TypeError(f"scores must be a real-valued tensor, got dtype {scores.dtype}")
+        scores = scores.double()  # integer scores (as the earlier release accepts): exact in float64
     num_queries, num_gallery = scores.shape
     if num_queries == 0 or num_gallery == 0:
         raise ValueError(

@@ -103,24 +103,28 @@ def embeddings_three_crops(
     :func:`recognite.eval.score_matrix`.
 
     Args:
-        model: maps ``(N, C, S, S)`` images to ``(N, D)`` embeddings.
+        model: maps ``(N, C, S, S)`` images to ``(N, D)`` embeddings (any ``(N, ...)`` output works:
+            the mean is taken over the crops of each image, whatever the trailing shape).
         batch: ``(B, 3, C, S, S)`` crops from :func:`collate_three_crops`.
         normalize: re-normalize the mean to unit L2 norm (default ``False``: the plain mean of the
             crop embeddings, which are unit-norm for a ``Recognizer``; the mean of unit vectors has
             norm ``<= 1``).
 
     Returns:
-        ``(B, D)`` embeddings.
+        ``(B, D)`` embeddings (``(B, ...)`` for other output shapes).
     """
     if not isinstance(batch, torch.Tensor) or batch.dim() != 5 or batch.shape[1] != 3:
         shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
         raise ValueError(f"batch must have shape (B, 3, C, S, S), got {shape}")
     num_images = batch.shape[0]
     embeddings = model(batch.reshape(num_images * 3, *batch.shape[2:]))
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
-        raise ValueError("model must return (N, D) embeddings for (N, C, S, S) images")
-    mean = embeddings.reshape(num_images, 3, -1).mean(dim=1)
-    return F.normalize(mean, dim=1) if normalize else mean
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() < 1 or embeddings.shape[0] != num_images * 3:
+        raise ValueError("model must return a tensor with one row per crop, (N, ...) for (N, C, S, S) images")
+    # Any output shape (N, ...), as in the earlier release: the mean over the three crops of each image.
+    mean = embeddings.reshape(num_images, 3, *embeddings.shape[1:]).mean(dim=1)
+    if not normalize:
+        return mean
+    return F.normalize(mean.reshape(num_images, -1), dim=1).reshape(mean.shape)
 
 
 collate_with_three_crops = collate_three_crops
