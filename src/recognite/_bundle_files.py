@@ -19,6 +19,8 @@ __all__ = [
     "BUNDLE_FORMAT",
     "BUNDLE_FORMAT_VERSION",
     "WEIGHTS_FILE",
+    "check_config_digest",
+    "config_digest",
     "read_manifest",
     "read_weights",
     "sha256_file",
@@ -70,6 +72,24 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if not isinstance(manifest["model"], dict):
         raise ValueError(f"{manifest_path}: 'model' must be an object, got {manifest['model']!r}.")
     return manifest
+
+
+def check_config_digest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a ``bundle.json`` whose covered entries changed since it was saved (0.1.0 bundles,
+    which record no ``config_sha256``, are accepted)."""
+    recorded = manifest.get("config_sha256")
+    if recorded and recorded != config_digest(manifest):
+        raise ValueError(f"{folder / BUNDLE_FILE} was edited after the bundle was saved: its model, preprocessing, "
+                         "image_size or label_names no longer match its config_sha256. Restore it, or save a new "
+                         "bundle.")
+
+
+def config_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of what in ``bundle.json`` changes predictions besides the threshold (which is
+    range-checked instead): the model config, the preprocessing, the image size and the label
+    names, as canonical JSON."""
+    covered = {key: manifest.get(key) for key in ("model", "preprocessing", "image_size", "label_names")}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
 
 
 def read_weights(folder: Path, manifest: dict[str, Any], verify: bool = True) -> tuple[dict[str, torch.Tensor], str]:

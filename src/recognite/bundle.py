@@ -13,7 +13,6 @@ A bundle folder holds two files:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from recognite._bundle_files import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     WEIGHTS_FILE,
+    config_digest,
     sha256_file,
 )
 from recognite.checkpoint import checkpoint_threshold, epoch_row, load_checkpoint
@@ -114,13 +114,6 @@ def _check_image_size(image_size: Any) -> int:
     check_int(image_size, "image_size", minimum=1,
               message=f"image_size must be a positive integer (the network input side in pixels), got {image_size!r}.")
     return check_int(image_size, "image_size", maximum=MAX_SIDE)
-
-
-def config_digest(manifest: dict[str, Any]) -> str:
-    """SHA-256 of what in ``bundle.json`` changes predictions, besides the threshold: the model
-    config, the preprocessing, the image size and the label names (canonical JSON)."""
-    covered = {key: manifest.get(key) for key in ("model", "preprocessing", "image_size", "label_names")}
-    return hashlib.sha256(json.dumps(covered, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
 
 
 def _check_threshold(threshold: Any) -> float | None:
@@ -303,10 +296,6 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
     folder = Path(path).expanduser()
     model, manifest, digest = load_bundle_model(folder, verify=verify)
     source = f"{folder / BUNDLE_FILE}"
-    recorded = manifest.get("config_sha256")
-    if recorded and recorded != config_digest(manifest):  # bundles of 0.1.0 have none
-        raise ValueError(f"{source} was edited after the bundle was saved: its model, preprocessing, image_size or "
-                         "label_names no longer match its config_sha256. Restore it, or save a new bundle.")
     try:
         image_size = check_int(manifest["image_size"], "image_size", 1, MAX_SIDE)
         threshold = check_cosine_threshold(manifest.get("threshold"))

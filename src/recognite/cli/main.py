@@ -69,7 +69,11 @@ def one_line(exc: BaseException) -> str:
     >>> one_line(ValueError("2 files are missing.\\nFirst missing: a.png"))
     '2 files are missing. First missing: a.png'
     """
-    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and any(line.startswith("Original Traceback") for line in lines):
+        # An error in a DataLoader worker: its own message is the last line of the traceback.
+        lines = [lines[-1].split(": ", 1)[-1]]
+    text = " ".join(lines)
     if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
         text = f"{text}: {exc.filename}"
     return text or type(exc).__name__

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MAX_IMAGE_PIXELS", "read_image"]
+__all__ = ["MAX_IMAGE_PIXELS", "check_images", "read_image"]
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Largest image accepted, in pixels (Pillow's own warning limit, about 9459 x 9459)."""
@@ -63,7 +63,7 @@ def read_image(path: str | os.PathLike, mode: str | None = "RGB") -> Image.Image
         raise FileNotFoundError(f"Image file {os.fspath(path)!r} does not exist.")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with a clearer message
             with Image.open(path) as file_image:
                 width, height = file_image.size
                 if width * height > MAX_IMAGE_PIXELS:
@@ -76,7 +76,31 @@ def read_image(path: str | os.PathLike, mode: str | None = "RGB") -> Image.Image
                     image = image.convert(mode)
                 elif image is file_image:
                     image = image.copy()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            SyntaxError) as exc:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
         raise ValueError(f"Could not read the image {os.fspath(path)}: {exc}") from exc
     return image
+
+
+def check_images(paths: list[str], what: str = "images", progress: bool = False) -> None:
+    """Open the header of every image (cheap: nothing is decoded) and refuse the unreadable ones.
+
+    Training checks its images up front this way, so that a corrupt file stops the run before the
+    first step instead of in the middle of an epoch.
+
+    Raises:
+        ValueError: The files that are not images, or too large (count and first few).
+    """
+    from tqdm.auto import tqdm
+
+    bad: list[str] = []
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # sizes are checked here
+    for path in tqdm(paths, desc=f"check {what}", unit="img", disable=not progress, leave=False):
+        try:
+            with Image.open(path) as image:
+                width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                bad.append(f"{path} ({width} x {height} pixels, over the limit of {MAX_IMAGE_PIXELS:,})")
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
+            bad.append(f"{path} ({type(exc).__name__}: {exc})")
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(paths)} {what} cannot be read, e.g. {'; '.join(bad[:3])}.")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from recognite._bundle_files import BUNDLE_FILE, read_manifest, read_weights
+from recognite._bundle_files import BUNDLE_FILE, check_config_digest, read_manifest, read_weights
 from recognite.model.backbones import (
     build_network,
     check_model_name,
@@ -313,4 +313,5 @@ def load_bundle_model(folder: Path, verify: bool = True) -> tuple[Recognizer, di
     model = Recognizer.from_config({**manifest["model"], "preprocessing": manifest["preprocessing"]}, source=source)
     model.load_weights(state, source=str(folder / str(manifest.get("weights_file", "model.safetensors"))),
                        named_in=BUNDLE_FILE)
+    check_config_digest(folder, manifest)
     return model.eval(), manifest, digest

@@ -24,6 +24,7 @@ from recognite.checkpoint import (
     set_rng_states,
 )
 from recognite.data import train_val_datasets
+from recognite.data.images import check_images
 from recognite.data.rotation_classes import RotationClasses
 from recognite.data.samplers import PKBatchSampler
 from recognite.data.transforms import (
@@ -358,6 +359,8 @@ def _datasets(config: TrainConfig, model: Recognizer) -> tuple[Dataset, Dataset,
     if config.checkpoint_metric == "top5" and len(ds_gallery) < 5:
         raise ValueError(f"--checkpoint-metric top5 needs at least 5 gallery items, but the validation gallery of "
                          f"{config.data_csv} has {len(ds_gallery)}; choose top1 or mAP.")
+    paths = [str(p) for ds in (ds_train, ds_gallery, ds_query) for p in ds.df[ds.image_key]]
+    check_images(paths, what=f"images of {config.data_csv}", progress=config.progress)
     if config.rotation_classes:
         ds_train = RotationClasses(ds_train)
     return ds_train, ds_gallery, ds_query
