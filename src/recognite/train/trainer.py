@@ -7,6 +7,7 @@ import math
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -313,6 +314,8 @@ def _check_run_folder(config: TrainConfig, run_dir: Path, resume_path: Path | No
             raise ValueError(f"--resume {str(resume_path)!r} belongs to the run folder {str(resume_path.parent)!r}, but "
                              f"--output-dir is {str(run_dir)!r}; resume with --output-dir {str(resume_path.parent)!r}.")
         return
+    if config.resume == "auto":
+        return  # continue the run when it has a checkpoint, else start it again (as after a crash)
     present = [name for name in RUN_FILES if (run_dir / name).exists()]
     if present and not config.overwrite:
         raise FileExistsError(f"--output-dir {str(run_dir)!r} already holds a run ({', '.join(present)}); pass "
@@ -351,11 +354,18 @@ def _datasets(config: TrainConfig, model: Recognizer) -> tuple[Dataset, Dataset,
     tfm_train = train_transform(preprocessing, config.image_size, config.rrc_scale, config.rrc_ratio, config.hflip,
                                 config.affine(), config.elastic())
     tfm_val = (three_crop_eval_transform if config.three_crop else eval_transform)(preprocessing, config.image_size)
-    ds_train, ds_gallery, ds_query = train_val_datasets(
-        config.data_csv, image_key=config.image_key, label_key=config.label_key, num_folds=config.num_folds,
-        val_fold=int(config.val_fold), fold_seed=config.fold_seed, num_refs=config.num_refs, ref_seed=config.ref_seed,
-        tfm_train=tfm_train, tfm_val=tfm_val,
-    )
+    with warnings.catch_warnings():
+        # More folds than labels is allowed by the library (as in 0.1.0), not by a training run: see below.
+        warnings.filterwarnings("ignore", message=r"num_folds \(\d+\) is larger than the number of unique labels")
+        ds_train, ds_gallery, ds_query = train_val_datasets(
+            config.data_csv, image_key=config.image_key, label_key=config.label_key, num_folds=config.num_folds,
+            val_fold=int(config.val_fold), fold_seed=config.fold_seed, num_refs=config.num_refs,
+            ref_seed=config.ref_seed, tfm_train=tfm_train, tfm_val=tfm_val,
+        )
+    num_labels = len(ds_train.unique_labels) + len(ds_gallery.unique_labels)
+    if config.num_folds > num_labels:
+        raise ValueError(f"--num-folds {config.num_folds} is larger than the number of labels ({num_labels}) in "
+                         f"{config.data_csv}: some folds would be empty. Use --num-folds <= {num_labels}.")
     if config.checkpoint_metric == "top5" and len(ds_gallery) < 5:
         raise ValueError(f"--checkpoint-metric top5 needs at least 5 gallery items, but the validation gallery of "
                          f"{config.data_csv} has {len(ds_gallery)}; choose top1 or mAP.")
