@@ -235,3 +235,28 @@ def test_channels_last_layout_reaches_the_model_and_changes_no_result(tiny_csv, 
         if name in initial and value.is_floating_point():
             moved += not torch.allclose(value, initial[name], rtol=0, atol=1e-4)
     assert moved > 0  # training moved the weights more than the tolerance, so the comparison means something
+
+
+@pytest.mark.slow
+def test_resume_from_an_epoch_checkpoint_is_exact_with_loader_workers(tiny_csv, tmp_path, monkeypatch):
+    """docs/faults.md: with the default --num-workers 2, resuming from an epoch boundary is exact."""
+    options = dict(epochs=3, num_workers=2, rrc_scale=(0.3, 1.0), hflip=0.5)
+    reference = tmp_path / "reference"
+    train(tiny_config(tiny_csv, reference, **options))
+    split = tmp_path / "split"
+    original = trainer_module.validate
+    calls = {"n": 0}
+
+    def validate_then_stop(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the validation after epoch 2: last.pt of epoch 1 is the last checkpoint
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "validate", validate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tiny_csv, split, **options))
+    monkeypatch.setattr(trainer_module, "validate", original)
+    train(tiny_config(tiny_csv, split, resume="auto", **options))
+    for key, value in _params(reference / "last.pt").items():
+        torch.testing.assert_close(_params(split / "last.pt")[key], value, rtol=0, atol=0)
