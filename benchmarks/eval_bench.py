@@ -116,7 +116,7 @@ def run_library() -> dict:
     return {
         "seconds": elapsed, "scoring_seconds": scoring, "peak_rss_mb": _peak_rss_mb(),
         "top1": top1, "top5": top5,
-        "mAP": pr["mAP"], "hard_pos_mean": float(hard["HardPosScores"].double().mean()),
+        "mAP": float(pr["mAP"]), "hard_pos_mean": float(hard["HardPosScores"].double().mean()),
         "hard_neg_mean": float(hard["HardNegScores"].double().mean()),
         "max_f1_mean": float(pr["maxF1"].nanmean()),
     }

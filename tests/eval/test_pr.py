@@ -72,8 +72,8 @@ def test_pr_curves_and_ap_match_sklearn(ties, num_gallery):
     if num_gallery >= 100:  # make most positives rank high, so most rows are shallow
         for q in range(num_queries):
             scores[q, gallery_labels == query_labels[q]] += 2.0
-    out = pr_metrics(torch.from_numpy(scores), torch.from_numpy(gallery_labels), torch.from_numpy(query_labels),
-                     memory_budget=3000)
+    out = pr_metrics(torch.from_numpy(scores).double(), torch.from_numpy(gallery_labels),
+                     torch.from_numpy(query_labels), memory_budget=3000)  # float64 in, float64 out
     aps = []
     for q in range(num_queries):
         y_true = gallery_labels == query_labels[q]
@@ -113,3 +113,20 @@ def test_hard_pos_neg_scores_hand():
     only_pos = hard_pos_neg_scores(torch.tensor([[0.2, 0.6]]), torch.tensor([5, 5]), torch.tensor([5]))
     assert torch.equal(only_pos["HardPosScores"], torch.tensor([0.2]))
     assert only_pos["HardNegScores"].numel() == 0
+
+
+def test_float32_in_float32_out_like_the_earlier_release():
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.normal(size=(7, 20)).astype(np.float32))
+    gallery_labels = torch.from_numpy(rng.integers(0, 4, size=20))
+    query_labels = torch.from_numpy(rng.integers(0, 5, size=7))
+    single = pr_metrics(scores, gallery_labels, query_labels)
+    double = pr_metrics(scores.double(), gallery_labels, query_labels)
+    assert single["mAP"].dtype == torch.float32 and single["mAP"].dim() == 0
+    assert double["mAP"].dtype == torch.float64
+    for key in ("AP", "P@maxF1", "R@maxF1", "maxF1"):
+        assert single[key].dtype == torch.float32
+        assert torch.equal(single[key], double[key].float(), ) or torch.allclose(
+            single[key], double[key].float(), equal_nan=True, rtol=0, atol=0), key
+    assert all(p.dtype == torch.float32 for p in single["Precisions"] + single["Recalls"])
+    assert single["mAP"].item() == pytest.approx(double["mAP"].item(), rel=1e-6)

@@ -38,14 +38,14 @@ def _problem(seed: int, num_queries: int = 19, num_gallery: int = 41, dim: int =
 
 
 def _full_matrix_results(scores, gallery_labels, query_labels, ks):
-    pr = pr_metrics(scores, gallery_labels, query_labels)
+    pr = pr_metrics(scores.double(), gallery_labels, query_labels)  # float64 in, float64 out
     hard = hard_pos_neg_scores(scores, gallery_labels, query_labels)
     return {
         "accuracy": accuracy(scores, gallery_labels, query_labels),
         "top_k_accuracy": {k: top_k_accuracy(scores, gallery_labels, query_labels, k) for k in ks},
         "recall_at_k": {k: recall_at_k(scores, gallery_labels, query_labels, k) for k in ks},
         "cmc": cmc(scores, gallery_labels, query_labels),
-        "mAP": pr["mAP"],
+        "mAP": pr["mAP"].item(),
         "AP": pr["AP"],
         "map_at_r": map_at_r(scores, gallery_labels, query_labels),
         "r_precision": r_precision(scores, gallery_labels, query_labels),

@@ -104,7 +104,7 @@ def test_html_links_are_relative_and_local(report):
 def test_summary_numbers_equal_independent_computations(report, independent, trained_run):
     html = _html(report)
     scores, g_labels, q_labels = independent["scores"], independent["g_labels"], independent["q_labels"]
-    expected_map = pr_metrics(scores, g_labels, q_labels)["mAP"]
+    expected_map = pr_metrics(scores.double(), g_labels, q_labels)["mAP"].item()
     expected_top1 = accuracy(scores, g_labels, q_labels)
     assert 0.0 < expected_map < 1.0  # the fixture data is hard enough for errors to show
     for key, expected in (("mAP", expected_map), ("top1", expected_top1)):
@@ -133,7 +133,7 @@ def _table_after(html: str, heading: str) -> list[list[str]]:
 
 def test_worst_queries_are_those_of_lowest_ap_one_per_label_first(report, independent):
     scores, g_labels, q_labels = independent["scores"], independent["g_labels"], independent["q_labels"]
-    ap = pr_metrics(scores, g_labels, q_labels)["AP"].tolist()
+    ap = pr_metrics(scores.double(), g_labels, q_labels)["AP"].tolist()
     same = q_labels[:, None] == g_labels[None, :]
     margin = (scores.masked_fill(~same, -np.inf).max(1).values - scores.masked_fill(same, -np.inf).max(1).values).tolist()
     order = sorted(range(len(ap)), key=lambda q: (ap[q], margin[q], q))
@@ -153,7 +153,7 @@ def test_worst_queries_are_those_of_lowest_ap_one_per_label_first(report, indepe
 
 
 def test_per_label_ap_table_matches_per_query_ap(report, independent):
-    ap = pr_metrics(independent["scores"], independent["g_labels"], independent["q_labels"])["AP"]
+    ap = pr_metrics(independent["scores"].double(), independent["g_labels"], independent["q_labels"])["AP"]
     rows = _table_after(_html(report), "Average precision per label")[1:]
     names = independent["names"]
     assert len(rows) == len(set(independent["q_labels"].tolist()))
@@ -253,6 +253,6 @@ def test_averaged_references_and_three_crops(trained_run, tmp_path):
     q_embs, q_labels = embed(ds_query)
     assert summary["num_gallery"] == g_labels.numel() == len(ds_gallery.unique_labels) < len(ds_gallery)
     scores = pairwise_scores(q_embs, g_embs, "cosine")
-    assert summary["metrics"]["mAP"] == pytest.approx(pr_metrics(scores, g_labels, q_labels)["mAP"], abs=1e-6)
+    assert summary["metrics"]["mAP"] == pytest.approx(pr_metrics(scores.double(), g_labels, q_labels)["mAP"].item(), abs=1e-6)
     assert "(mean)" not in path.read_text()  # the note is in the figure, the caption says prototypes
     assert "prototypes" in path.read_text()

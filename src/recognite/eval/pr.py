@@ -43,21 +43,23 @@ def pr_metrics(
         memory_budget: bytes of temporary memory per query chunk (default 256 MiB).
 
     Returns:
-        Dict with
-        ``Precisions`` / ``Recalls``: lists of ``Q`` float64 tensors (``(n_q + 1,)``);
-        ``Thresholds``: list of ``Q`` tensors (``(n_q,)``, ascending, dtype of ``scores``);
-        ``AP``: ``(Q,)`` float64 average precision (``nan`` without positives);
-        ``mAP``: float, mean AP over queries with positives (``nan`` if none);
+        Dict of tensors in the dtype of ``scores`` (float32 in, float32 out, as in the earlier
+        release; integer scores give float64), computed in float64 (pass float64 scores for
+        float64 results):
+        ``Precisions`` / ``Recalls``: lists of ``Q`` tensors (``(n_q + 1,)``);
+        ``Thresholds``: list of ``Q`` tensors (``(n_q,)``, ascending);
+        ``AP``: ``(Q,)`` average precision (``nan`` without positives);
+        ``mAP``: 0-dim tensor, mean AP over queries with positives (``nan`` if none);
         ``P@maxF1``, ``R@maxF1``, ``T@maxF1``, ``maxF1``: ``(Q,)`` precision, recall, threshold
         and value of the point with the highest F1 (highest threshold among equal F1).
 
     Example:
         >>> out = pr_metrics(torch.tensor([[0.9, 0.8, 0.7]]), torch.tensor([1, 2, 1]),
         ...                  torch.tensor([1]))
-        >>> out['Precisions'][0].tolist(), out['Recalls'][0].tolist()
-        ([0.6666666666666666, 0.5, 1.0, 1.0], [1.0, 0.5, 0.5, 0.0])
-        >>> round(out['mAP'], 4), out['maxF1'].tolist()
-        (0.8333, [0.8])
+        >>> [round(v, 4) for v in out['Precisions'][0].tolist()], out['Recalls'][0].tolist()
+        ([0.6667, 0.5, 1.0, 1.0], [1.0, 0.5, 0.5, 0.0])
+        >>> out['mAP'].dtype, round(float(out['mAP']), 4), [round(v, 4) for v in out['maxF1'].tolist()]
+        (torch.float32, 0.8333, [0.8])
     """
     scores, gallery_labels, query_labels = check_scores(scores, gallery_labels, query_labels)
     stats = matrix_stats(
@@ -67,16 +69,18 @@ def pr_metrics(
     ap: torch.Tensor = stats["ap"]  # type: ignore[assignment]
     num_pos: torch.Tensor = stats["num_pos"]  # type: ignore[assignment]
     valid = ap[num_pos > 0]
+    dtype = scores.dtype  # computed in float64, returned in the scores' dtype (as the earlier release)
+    mean_ap = valid.mean() if valid.numel() else torch.tensor(float("nan"), dtype=torch.float64)
     return {
-        "Precisions": stats["precisions"],
-        "Recalls": stats["recalls"],
+        "Precisions": [p.to(dtype) for p in stats["precisions"]],  # type: ignore[union-attr]
+        "Recalls": [r.to(dtype) for r in stats["recalls"]],  # type: ignore[union-attr]
         "Thresholds": stats["thresholds"],
-        "AP": ap,
-        "mAP": float(valid.mean()) if valid.numel() else float("nan"),
-        "P@maxF1": stats["p_at_max_f1"],
-        "R@maxF1": stats["r_at_max_f1"],
+        "AP": ap.to(dtype),
+        "mAP": mean_ap.to(dtype),
+        "P@maxF1": stats["p_at_max_f1"].to(dtype),  # type: ignore[union-attr]
+        "R@maxF1": stats["r_at_max_f1"].to(dtype),  # type: ignore[union-attr]
         "T@maxF1": stats["t_at_max_f1"],
-        "maxF1": stats["max_f1"],
+        "maxF1": stats["max_f1"].to(dtype),  # type: ignore[union-attr]
     }
 
 

@@ -175,7 +175,7 @@ class _ChunkParts:
         self.top_index.append(order.indices[:, : self.k].clone())
         self.top_score.append(order.values[:, : self.k].double())
         del order
-        pr = pr_metrics(scores, gallery_labels, labels)
+        pr = pr_metrics(scores.double(), gallery_labels, labels)  # float64 curves for the mean curve
         for q in torch.nonzero(has_pos).flatten().tolist():
             self.precision_sum += _interpolated_precision(pr["Precisions"][q], pr["Recalls"][q])
             self.curves += 1
