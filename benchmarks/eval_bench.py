@@ -1,20 +1,32 @@
-"""Benchmark: recognite.eval against a straightforward full-matrix baseline, and the streaming path.
+"""Benchmark: recognite.eval against a full-matrix baseline and pytorch-metric-learning, idle and busy.
 
-Reference problem (issue 3): Q=4000 noisy queries, G=20000 gallery items (5 per label), D=256,
-cosine scores. Contenders run one at a time, each in its own fresh subprocess, so every peak-RSS
-figure (``ru_maxrss`` of that process: torch import + data + computation) is independent.
+Reference problem: Q=4000 noisy queries, G=20000 gallery items (5 per label), D=256, cosine scores,
+in two difficulties: ``easy`` (noise 1.6, mAP about 0.84) and ``hard`` (noise 2.0, mAP about 0.35,
+where many items score above a query's lowest positive, as early in training). Contenders run one
+at a time, each in its own fresh subprocess, so every peak-RSS figure (``ru_maxrss`` of that
+process: torch import + data + computation) is independent. With ``--busy`` a CPU-bound
+single-threaded process runs beside each contender for its whole duration (as evaluation beside a
+training job); the library never changes the thread settings itself (torch's default is used
+unless ``--threads`` is given).
 
 * ``baseline``: full score matrix, then a Python loop over queries with one ``np.argsort`` each
   (top-1, top-5, hardest positive/negative, per-query PR curve, AP, max-F1).
 * ``library``: ``score_matrix`` + ``accuracy`` + ``top_k_accuracy`` + ``hard_pos_neg_scores`` +
   ``pr_metrics`` (the documented metric set), same outputs.
+* ``pml_exact``: pytorch-metric-learning's ``AccuracyCalculator(k=None)`` with a torch kNN
+  (precision@1, mean average precision; exact).
+* ``pml_faiss`` / ``pml_torch``: the same truncated to ``k="max_bin_count"`` neighbours, with FAISS
+  or a torch kNN (its mAP is *not* the exact mAP: positives past k are dropped).
 * ``streaming``: ``evaluate_embeddings`` for Q=1000 queries against G=1,000,000 (D=128):
   top-1, top-k accuracy, recall@k, mAP, MAP@R, R-precision, CMC.
 
+pytorch-metric-learning and faiss-cpu are needed only here: ``pip install -e '.[bench]'``.
+
 Usage::
 
-    python benchmarks/eval_bench.py              # all contenders (about 2-4 minutes on 2 CPU cores)
-    python benchmarks/eval_bench.py --skip-streaming
+    python benchmarks/eval_bench.py                       # easy + hard, idle (a few minutes)
+    python benchmarks/eval_bench.py --busy                # the same with a busy process beside
+    python benchmarks/eval_bench.py --problems hard --contenders library pml_faiss
 """
 
 from __future__ import annotations
@@ -29,7 +41,8 @@ import time
 
 NUM_LABELS, PER_LABEL, DIM = 4000, 5, 256
 STREAM_QUERIES, STREAM_GALLERY, STREAM_DIM, STREAM_PER_LABEL = 1000, 1_000_000, 128, 5
-NOISE = 1.6
+PROBLEMS = {"easy": 1.6, "hard": 2.0}  # noise of the gallery and query samples around their centres
+NOISE = PROBLEMS["easy"]
 SEED = 0
 
 
@@ -142,57 +155,118 @@ def run_streaming() -> dict:
     }
 
 
-CONTENDERS = {"baseline": run_baseline, "library": run_library, "streaming": run_streaming}
+def _run_pml(k, knn: str) -> dict:
+    import torch
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
+
+    queries, query_labels, gallery, gallery_labels = _make_problem(NUM_LABELS, PER_LABEL, DIM, NUM_LABELS, SEED)
+    knn_func = FaissKNN(reset_before=False, reset_after=False) if knn == "faiss" else CustomKNN(CosineSimilarity())
+    if knn == "faiss":  # FAISS's inner product is the cosine only for unit vectors
+        queries = torch.nn.functional.normalize(queries, dim=1)
+        gallery = torch.nn.functional.normalize(gallery, dim=1)
+    calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision"), k=k, knn_func=knn_func,
+                                    device=torch.device("cpu"))
+    start = time.perf_counter()
+    out = calculator.get_accuracy(queries, query_labels, gallery, gallery_labels, ref_includes_query=False)
+    elapsed = time.perf_counter() - start
+    return {"seconds": elapsed, "scoring_seconds": float("nan"), "peak_rss_mb": _peak_rss_mb(),
+            "top1": float(out["precision_at_1"]), "mAP": float(out["mean_average_precision"])}
 
 
-def _spawn(name: str, threads: int) -> dict:
-    proc = subprocess.run(
-        [sys.executable, __file__, "--contender", name, "--threads", str(threads)],
-        capture_output=True, text=True, check=False,
-    )
+def run_pml_exact() -> dict:
+    return _run_pml(None, "torch")
+
+
+def run_pml_faiss() -> dict:
+    return _run_pml("max_bin_count", "faiss")
+
+
+def run_pml_torch() -> dict:
+    return _run_pml("max_bin_count", "torch")
+
+
+CONTENDERS = {"baseline": run_baseline, "library": run_library, "pml_exact": run_pml_exact,
+              "pml_faiss": run_pml_faiss, "pml_torch": run_pml_torch, "streaming": run_streaming}
+TABLE_CONTENDERS = ("library", "baseline", "pml_exact", "pml_faiss", "pml_torch")
+
+
+def _spawn(name: str, threads: int | None, problem: str, busy: bool) -> dict:
+    command = [sys.executable, __file__, "--contender", name, "--problems", problem]
+    if threads:
+        command += ["--threads", str(threads)]
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    finally:
+        if burner is not None:
+            burner.kill()
+            burner.wait()
     if proc.returncode != 0:
         raise RuntimeError(f"contender {name} failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _print_table(results: dict, problems: list[str], modes: list[str], contenders: list[str]) -> None:
+    print(f"{'problem':<6} {'mode':<5} {'contender':<10} {'seconds':>8} {'peak RSS':>9} {'top1':>7} {'mAP':>8}")
+    for problem in problems:
+        for mode in modes:
+            for name in contenders:
+                res = results[problem, mode, name]
+                print(f"{problem:<6} {mode:<5} {name:<10} {res['seconds']:>8.2f} {res['peak_rss_mb']:>7.0f}MB "
+                      f"{res['top1']:>7.4f} {res['mAP']:>8.4f}")
+    for problem in problems:
+        for mode in modes:
+            if ("library" in contenders) and ("pml_faiss" in contenders):
+                lib, peer = results[problem, mode, "library"], results[problem, mode, "pml_faiss"]
+                print(f"{problem} {mode}: library / pml_faiss (truncated) time = {lib['seconds'] / peer['seconds']:.2f}"
+                      f"  (target <= 1); pml_faiss mAP {peer['mAP']:.4f} vs exact {lib['mAP']:.4f}")
+            if "pml_exact" in contenders and "library" in contenders:
+                print(f"{problem} {mode}: pml_exact / library time = "
+                      f"{results[problem, mode, 'pml_exact']['seconds'] / results[problem, mode, 'library']['seconds']:.1f}x")
+        if "busy" in modes and "idle" in modes:
+            for name in contenders:
+                ratio = results[problem, "busy", name]["seconds"] / results[problem, "idle", name]["seconds"]
+                print(f"{problem}: {name} busy / idle = {ratio:.2f}" + ("  (target <= 1.7)" if name == "library" else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
+    global NOISE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contender", choices=sorted(CONTENDERS), help="run one contender (internal)")
+    parser.add_argument("--contenders", nargs="+", choices=TABLE_CONTENDERS, default=list(TABLE_CONTENDERS),
+                        help="contenders of the reference problem (default: all)")
+    parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=["easy", "hard"])
+    parser.add_argument("--busy", action="store_true", help="also run every contender beside a busy process")
     parser.add_argument("--skip-streaming", action="store_true", help="skip the 1M-gallery run")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads in every contender (default 1: stable figures "
-                             "on a shared machine; numpy's per-query loop is single-threaded anyway)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads in every contender (default: torch's own choice)")
     args = parser.parse_args(argv)
     if args.contender:
         import torch
 
-        torch.set_num_threads(args.threads)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        NOISE = PROBLEMS[args.problems[0]]
         print(json.dumps(CONTENDERS[args.contender]()))
         return 0
     print(f"machine: {os.cpu_count()} CPUs, load average before the run {os.getloadavg()[0]:.2f}")
-    print(f"reference problem: Q={NUM_LABELS}, G={NUM_LABELS * PER_LABEL}, D={DIM}, cosine, "
-          f"noise {NOISE}, torch threads {args.threads}")
-    base = _spawn("baseline", args.threads)
-    lib = _spawn("library", args.threads)
-    for name, res in (("baseline", base), ("library", lib)):
-        print(f"  {name:9s} {res['seconds']:7.2f} s (scores {res['scoring_seconds']:.2f} s + metrics "
-              f"{res['seconds'] - res['scoring_seconds']:.2f} s)  peak RSS {res['peak_rss_mb']:7.0f} MB  "
-              f"top1 {res['top1']:.4f}  top5 {res['top5']:.4f}  mAP {res['mAP']:.6f}  "
-              f"hardpos {res['hard_pos_mean']:.6f}  hardneg {res['hard_neg_mean']:.6f}  "
-              f"maxF1 {res['max_f1_mean']:.6f}")
-    print(f"  speed-up library vs baseline: {base['seconds'] / lib['seconds']:.1f}x "
-          f"(target >= 10x); library peak RSS {lib['peak_rss_mb']:.0f} MB (target < 1536 MB)")
-    metric_ratio = (base["seconds"] - base["scoring_seconds"]) / (lib["seconds"] - lib["scoring_seconds"])
-    print(f"  speed-up of the metric part alone (after the score matrix): {metric_ratio:.1f}x")
-    print(f"  |mAP difference| = {abs(base['mAP'] - lib['mAP']):.2e}")
+    print(f"reference problem: Q={NUM_LABELS}, G={NUM_LABELS * PER_LABEL}, D={DIM}, cosine, problems "
+          f"{', '.join(f'{p} (noise {PROBLEMS[p]})' for p in args.problems)}, threads {args.threads or 'default'}")
+    modes = ["idle", "busy"] if args.busy else ["idle"]
+    results = {}
+    for problem in args.problems:
+        for mode in modes:
+            for name in args.contenders:
+                results[problem, mode, name] = _spawn(name, args.threads, problem, mode == "busy")
+    _print_table(results, args.problems, modes, args.contenders)
     if not args.skip_streaming:
-        stream = _spawn("streaming", args.threads)
-        print(f"load average after the runs {os.getloadavg()[0]:.2f}")
-        print(f"streaming: Q={STREAM_QUERIES}, G={STREAM_GALLERY}, D={STREAM_DIM}, cosine")
-        print(f"  {stream['seconds']:.1f} s  peak RSS {stream['peak_rss_mb']:.0f} MB "
-              f"(after building the data: {stream['rss_after_data_mb']:.0f} MB; target < 4096 MB)  "
-              f"top1 {stream['top1']:.4f}  top5 {stream['top5']:.4f}  recall@10 {stream['recall@10']:.4f}  "
-              f"mAP {stream['mAP']:.4f}  MAP@R {stream['map_at_r']:.4f}  R-prec {stream['r_precision']:.4f}")
+        for mode in modes:
+            stream = _spawn("streaming", args.threads, "easy", mode == "busy")
+            print(f"streaming ({mode}): Q={STREAM_QUERIES}, G={STREAM_GALLERY}, D={STREAM_DIM}, cosine: "
+                  f"{stream['seconds']:.1f} s  peak RSS {stream['peak_rss_mb']:.0f} MB (after the data: "
+                  f"{stream['rss_after_data_mb']:.0f} MB)  top1 {stream['top1']:.4f}  mAP {stream['mAP']:.4f}")
     return 0
 
 
