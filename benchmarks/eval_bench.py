@@ -162,8 +162,8 @@ def _run_pml(k, knn: str) -> dict:
     from pytorch_metric_learning.utils.inference import CustomKNN, FaissKNN
 
     queries, query_labels, gallery, gallery_labels = _make_problem(NUM_LABELS, PER_LABEL, DIM, NUM_LABELS, SEED)
-    knn_func = FaissKNN(reset_before=False, reset_after=False) if knn == "faiss" else CustomKNN(CosineSimilarity())
-    if knn == "faiss":  # FAISS's inner product is the cosine only for unit vectors
+    knn_func = FaissKNN() if knn == "faiss" else CustomKNN(CosineSimilarity())
+    if knn == "faiss":  # FAISS (flat L2 index) ranks unit vectors as the cosine does
         queries = torch.nn.functional.normalize(queries, dim=1)
         gallery = torch.nn.functional.normalize(gallery, dim=1)
     calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision"), k=k, knn_func=knn_func,

@@ -136,3 +136,15 @@ def test_batched_scores_match_pairwise(metric):
     batched = batched_pairwise_scores(queries, gallery, metric)
     for b in range(3):
         torch.testing.assert_close(batched[b], pairwise_scores(queries[b], gallery[b], metric))
+
+
+def test_one_device_resolver_accepts_auto_everywhere():
+    from recognite.utils.device import resolve_device
+
+    model = nn.Linear(3, 2)
+    embeddings, labels = embed_loader(model, [(QUERIES, torch.tensor([0, 1, 2]))], device="auto")
+    assert embeddings.shape == (3, 2) and labels.tolist() == [0, 1, 2]
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == resolve_device(None).type == expected
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
+        resolve_device("tpu")
