@@ -12,7 +12,13 @@ import torch
 
 from recognite.bundle import load_bundle
 from recognite.data import train_val_datasets
-from recognite.eval import evaluate_embeddings, open_set_metrics, open_set_rates, pairwise_scores, summary_metrics
+from recognite.eval import (
+    evaluate_embeddings,
+    open_set_metrics,
+    open_set_rates,
+    pairwise_scores,
+    summary_metrics,
+)
 from recognite.evaluate import evaluate_bundle
 from recognite.report import compute_report_data
 from recognite.report._data import open_set_rates as report_open_set_rates

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
-from recognite._atomic import FILE_MODE
+from recognite._atomic import FILE_MODE, atomic_write_text
 from recognite._bundle_files import (
     BUNDLE_FILE,
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     WEIGHTS_FILE,
     config_digest,
+    read_manifest,
     sha256_file,
 )
 from recognite.checkpoint import checkpoint_threshold, epoch_row, load_checkpoint
@@ -48,6 +49,8 @@ __all__ = [
     "WEIGHTS_FILE",
     "Bundle",
     "bundle_from_checkpoint",
+    "bundle_from_pretrained",
+    "write_threshold",
     "load_bundle",
     "resolve_device",
     "save_bundle",
@@ -245,6 +248,7 @@ def save_bundle(
                 "num_classes": config["num_classes"],
                 "bias": config["bias"],
                 "num_subcenters": config["num_subcenters"],
+                "neck_dim": config["neck_dim"],
                 "model_kwargs": kwargs,
             },
             "preprocessing": config["preprocessing"],
@@ -391,6 +395,47 @@ def bundle_from_checkpoint(checkpoint_path: str | os.PathLike, out_dir: str | os
     }
     return save_bundle(model, out_dir, int(image_size), threshold=cosine_threshold, label_names=state.get("label_names"),
                        metadata=_json_safe(metadata), model_kwargs=model.model_kwargs)
+
+
+def bundle_from_pretrained(model_name: str, weights: Any, out_dir: str | os.PathLike, image_size: int | None = None,
+                           **model_kwargs: Any) -> Path:
+    """Make a bundle from pretrained weights alone, without training (no threshold, no classifier).
+
+    The fastest path to recognition: pretrained features, a gallery, and a threshold calibrated
+    on the user's own labelled images (:func:`recognite.evaluate.calibrate_bundle`).
+
+    Args:
+        model_name: A supported backbone name.
+        weights: What :class:`~recognite.model.Recognizer` accepts (``"DEFAULT"``, a weights
+            name, a local file).
+        out_dir: The bundle folder to write.
+        image_size: Network input side (default: the weights' evaluation crop size).
+        **model_kwargs: Passed to the network builder.
+
+    Raises:
+        ValueError: ``embedding_dim`` given (an untrained neck would be a random projection).
+    """
+    if model_kwargs.get("embedding_dim") is not None:
+        raise ValueError("A bundle without training cannot have an embedding neck (--embedding-dim): untrained, it "
+                         "would be a random projection. Train with --embedding-dim instead.")
+    model_kwargs.pop("embedding_dim", None)
+    model = Recognizer(model_name, weights=weights, **model_kwargs)
+    size = int(image_size) if image_size is not None else model.preprocessing.crop_size
+    metadata = {"source_weights": None if weights is None else str(weights)}
+    return save_bundle(model, out_dir, size, threshold=None, metadata=metadata, model_kwargs=model.model_kwargs)
+
+
+def write_threshold(bundle_dir: str | os.PathLike, threshold: float | None) -> Path:
+    """Store a new open-set threshold (a cosine similarity) in a bundle's ``bundle.json``, atomically.
+
+    The threshold is not covered by ``config_sha256`` (it is range-checked instead), so the
+    bundle's checksums stay valid.
+    """
+    folder = Path(bundle_dir).expanduser()
+    manifest = read_manifest(folder)
+    manifest["threshold"] = _check_threshold(threshold)
+    atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return folder
 
 
 def _json_safe(value: Any) -> Any:

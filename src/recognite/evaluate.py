@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any
 
 import pandas as pd
 import torch
 
-from recognite.bundle import Bundle, load_bundle
+from recognite.bundle import Bundle, load_bundle, write_threshold
 from recognite.data import load_csv, split_gallery_query
 from recognite.embedding import embed_images
 from recognite.eval import episode_accuracy
 from recognite.eval.summary import summary_metrics
 from recognite.utils.validate import check_cosine_threshold, check_int
 
-__all__ = ["evaluate_bundle"]
+__all__ = ["calibrate_bundle", "evaluate_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +132,48 @@ def evaluate_bundle(
     if episodes:
         metrics.update(_episodes(embs, labels, (df_gallery, df_query), episodes, n_way, k_shot, group_key, ref_seed))
     return metrics
+
+
+def calibrate_bundle(
+    bundle_dir: str | os.PathLike,
+    data_csv: str | os.PathLike,
+    num_refs: int = 1,
+    ref_seed: int = 0,
+    threshold_method: str = "f1",
+    target_far: float = 0.05,
+    image_key: str = "image",
+    label_key: str = "label",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+) -> float | None:
+    """Choose a bundle's open-set threshold on labelled images and write it into the bundle.
+
+    The CSV is split per label into ``num_refs`` references and queries as in
+    :func:`evaluate_bundle`; the threshold comes from
+    :func:`recognite.eval.open_set.calibrate_threshold` with the method and default of training's
+    calibration (``'f1'``; ``'far'`` with ``target_far``), and is written atomically.
+
+    Returns:
+        The threshold written (``None`` when none could be calibrated, e.g. no query has a
+        negative, or when every impostor may be accepted).
+    """
+    num_refs = check_int(num_refs, "num_refs", minimum=1)
+    bundle = load_bundle(bundle_dir, device=device)
+    df_gallery, df_query = _split(data_csv, None, num_refs, ref_seed, image_key, label_key)
+    names = sorted(set(df_gallery[label_key]) | set(df_query[label_key]))
+    to_int = {name: i for i, name in enumerate(names)}
+    labels = tuple(torch.tensor([to_int[v] for v in frame[label_key]]) for frame in (df_gallery, df_query))
+    embs = tuple(embed_images(bundle.model, list(frame[image_key]), bundle.transform, batch_size=batch_size,
+                              num_workers=num_workers, progress=progress) for frame in (df_gallery, df_query))
+    summary = summary_metrics(embs[1], labels[1], embs[0], labels[0], metric="cosine", ks=(1,),
+                              threshold_method=threshold_method, target_far=target_far)
+    threshold = summary.threshold
+    if threshold is not None and not math.isfinite(threshold):
+        threshold = None  # -inf: every impostor may be accepted, the same as no threshold
+    write_threshold(bundle_dir, threshold)
+    logger.info("Calibrated threshold %s on %d queries against %d references of %s; written to %s.",
+                "none" if threshold is None else f"{threshold:.4f}", len(df_query), len(df_gallery), data_csv,
+                bundle_dir)
+    return threshold

@@ -40,7 +40,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tupl
         elif type_name.startswith("list[str]"):
             parser.add_argument(flag, nargs="*", default=suppress, metavar="NAME", help=help_text)
         else:
-            py_type = {"int": int, "float": float}.get(type_name, str)
+            py_type = {"int": int, "float": float}.get(type_name.removesuffix("|None"), str)
             parser.add_argument(flag, type=py_type, default=suppress, help=help_text + shown)
 
 

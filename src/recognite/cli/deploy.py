@@ -34,24 +34,43 @@ def _loading(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_bundle(args: argparse.Namespace) -> int:
-    from recognite.bundle import bundle_from_checkpoint, load_bundle
+    from recognite.bundle import (
+        bundle_from_checkpoint,
+        bundle_from_pretrained,
+        load_bundle,
+    )
 
-    out = bundle_from_checkpoint(args.checkpoint, args.output, image_size=args.image_size)
+    if bool(args.checkpoint) == bool(args.model_name):
+        raise ValueError("Give exactly one of --checkpoint (a training checkpoint) or --model-name (with --weights: "
+                         "pretrained weights alone, no training).")
+    if args.checkpoint:
+        out = bundle_from_checkpoint(args.checkpoint, args.output, image_size=args.image_size)
+    else:
+        out = bundle_from_pretrained(args.model_name, args.weights, args.output, image_size=args.image_size,
+                                     embedding_dim=args.embedding_dim)
     bundle = load_bundle(out, device="cpu")
     threshold = "none" if bundle.threshold is None else f"{bundle.threshold:.4f}"
     logger.info("Bundle %s: %s, embedding_dim %d, image_size %d, threshold %s", out, bundle.model.model_name,
                 bundle.embedding_dim, bundle.image_size, threshold)
+    if bundle.threshold is None and not args.checkpoint:
+        logger.info("No open-set threshold yet: choose one on your labelled images with "
+                    "`recognite calibrate --bundle %s --data-csv labelled.csv`.", out)
     return 0
 
 
 def _register_bundle(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bundle", help="Make a deployable model bundle from a training checkpoint.",
+        "bundle", help="Make a deployable model bundle from a training checkpoint, or from pretrained weights.",
         description="Convert a training checkpoint (runs/<name>/best.pt) into a bundle folder: safetensors weights, "
-        "model config, preprocessing, label names and the calibrated open-set threshold.")
-    p.add_argument("--checkpoint", required=True, help="Training checkpoint, e.g. runs/recognite/best.pt.")
+        "model config, preprocessing, label names and the calibrated open-set threshold. Or, with --model-name "
+        "and --weights, make a bundle of pretrained features without any training (then `recognite calibrate`).")
+    p.add_argument("--checkpoint", default=None, help="Training checkpoint, e.g. runs/recognite/best.pt.")
+    p.add_argument("--model-name", default=None, help="Backbone of a bundle without training (see `recognite models`).")
+    p.add_argument("--weights", default=None, help="With --model-name: DEFAULT, a weights name or a local file.")
+    p.add_argument("--embedding-dim", type=int, default=None, help=argparse.SUPPRESS)  # refused: explained by the error
     p.add_argument("--output", required=True, help="Bundle folder to write.")
-    p.add_argument("--image-size", type=int, default=None, help="Override the training image size.")
+    p.add_argument("--image-size", type=int, default=None, help="Override the image size (default: training's, or "
+                   "the weights' evaluation crop).")
     p.set_defaults(handler=_run_bundle)
 
 

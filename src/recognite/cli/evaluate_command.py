@@ -70,4 +70,40 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_run_evaluate)
 
 
-REGISTRY = [_register_evaluate]
+def _run_calibrate(args: argparse.Namespace) -> int:
+    from recognite.evaluate import calibrate_bundle
+
+    if args.num_refs < 1:
+        raise ValueError(f"--num-refs must be >= 1, got {args.num_refs}.")
+    method = args.threshold_method or ("far" if args.target_far is not None else "f1")
+    threshold = calibrate_bundle(
+        args.bundle, args.data_csv, num_refs=args.num_refs, ref_seed=args.ref_seed, threshold_method=method,
+        target_far=0.05 if args.target_far is None else args.target_far, image_key=args.image_key,
+        label_key=args.label_key, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        progress=args.progress,
+    )
+    print("threshold  " + ("none" if threshold is None else f"{threshold:.6f}"))
+    return 0
+
+
+def _register_calibrate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "calibrate", help="Choose a bundle's open-set threshold on your own labelled images and store it.",
+        description="Split the CSV per label into --num-refs references and queries (as `recognite evaluate`), embed "
+        "both with the bundle, calibrate the threshold as training does (best F1 of accepted-and-correct; with "
+        "--target-far the lowest threshold with at most that false-accept rate) and write it into the bundle.",
+    )
+    add_bundle(p)
+    p.add_argument("--data-csv", required=True, help="CSV of labelled images (at least 2 images for some labels).")
+    p.add_argument("--num-refs", type=int, default=1, help="References per label (default: 1).")
+    p.add_argument("--ref-seed", type=int, default=0, help="Seed of the reference choice (default: 0).")
+    p.add_argument("--threshold-method", choices=("f1", "far"), default=None,
+                   help="f1 or far (default: f1, or far when --target-far is given).")
+    p.add_argument("--target-far", type=float, default=None, help="Target false-accept rate of --threshold-method far "
+                   "(default: 0.05).")
+    add_csv_keys(p)
+    add_loading(p)
+    p.set_defaults(handler=_run_calibrate)
+
+
+REGISTRY = [_register_evaluate, _register_calibrate]

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import WeightsEnum
 
-from recognite._bundle_files import BUNDLE_FILE, check_config_digest, read_manifest, read_weights
+from recognite._bundle_files import (
+    BUNDLE_FILE,
+    check_config_digest,
+    read_manifest,
+    read_weights,
+)
 from recognite.model.backbones import (
     build_network,
     check_model_name,
@@ -60,6 +65,9 @@ class Recognizer(nn.Module):
         clf_bias: Old name of ``bias``; when given it takes precedence.
         num_subcenters: Class weight vectors per class (sub-center ArcFace); the classifier then
             has ``num_classes * num_subcenters`` outputs laid out class by class.
+        embedding_dim: Add an embedding neck: a linear projection (no bias) from the backbone's
+            width to this width, then batch norm, before the normalization (``None``: no neck,
+            the embedding is the backbone's pooled features).
         **model_kwargs: Passed to the torchvision model builder (e.g. ``dropout``).
 
     Shapes:
@@ -86,6 +94,7 @@ class Recognizer(nn.Module):
         *,
         clf_bias: bool | None = None,
         num_subcenters: int = 1,
+        embedding_dim: int | None = None,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -107,7 +116,16 @@ class Recognizer(nn.Module):
 
         backbone, old_head = split_backbone_classifier(network)
         self.backbone = backbone
-        self.embedding_dim: int = old_head.in_features
+        self.backbone_dim: int = old_head.in_features
+        self.neck: nn.Sequential | None = None
+        self.embedding_dim: int = self.backbone_dim
+        if embedding_dim is not None:
+            _check_num_classes(embedding_dim, "embedding_dim")
+            # The re-ID "BNNeck": a projection to the embedding width, then batch norm, before the
+            # normalization; gallery memory scales with embedding_dim, not the backbone's width.
+            self.neck = nn.Sequential(nn.Linear(self.backbone_dim, embedding_dim, bias=False),
+                                      nn.BatchNorm1d(embedding_dim))
+            self.embedding_dim = int(embedding_dim)
         self.model_name = model_name
         self.normalize = bool(normalize)
         self.bias = bool(bias)
@@ -139,6 +157,9 @@ class Recognizer(nn.Module):
     def _load_recognizer_state(self, state: dict[str, torch.Tensor], path: Path) -> None:
         backbone_state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
         _load_strict(self.backbone, backbone_state, path)
+        neck_state = {k.removeprefix("neck."): v for k, v in state.items() if k.startswith("neck.")}
+        if self.neck is not None and neck_state:
+            _load_strict(self.neck, neck_state, path)
         clf_state = {k.removeprefix("classifier."): v for k, v in state.items() if k.startswith("classifier.")}
         if self.classifier is not None and clf_state:
             own = self.classifier.state_dict()
@@ -158,6 +179,7 @@ class Recognizer(nn.Module):
             "embedding_dim": self.embedding_dim,
             "preprocessing": self.preprocessing.to_dict(),
             "model_kwargs": dict(self.model_kwargs),
+            "neck_dim": self.embedding_dim if self.neck is not None else None,
         }
 
     @classmethod
@@ -186,6 +208,7 @@ class Recognizer(nn.Module):
                 bias=bool(config.get("bias", False)),
                 normalize=bool(config.get("normalize", True)),
                 num_subcenters=int(config.get("num_subcenters", 1)),
+                embedding_dim=config.get("neck_dim"),
                 **kwargs,
             )
         except TypeError as exc:
@@ -226,6 +249,10 @@ class Recognizer(nn.Module):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         out = self.backbone(x)
+        if self.neck is not None:
+            if not isinstance(out, torch.Tensor):  # GoogLeNet / Inception named tuples
+                out = out.logits if hasattr(out, "logits") else out[0]
+            return self.neck(out)
         if not isinstance(out, torch.Tensor):  # GoogLeNet / Inception named tuples
             out = out.logits if hasattr(out, "logits") else out[0]
         return out

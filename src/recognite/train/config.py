@@ -48,6 +48,7 @@ class TrainConfig:
     model_name: str = _doc("torchvision backbone (see `recognite models`).", default="resnet18")
     weights: str | None = _doc("Pretrained weights: DEFAULT, a weights name (IMAGENET1K_V1 ...), or a local file. None = from scratch.", default=None)
     image_size: int = _doc("Side of the square network input in pixels.", default=224)
+    embedding_dim: int | None = _doc("Add an embedding neck: a projection (linear, no bias, then batch norm) from the backbone's width to this many dimensions (None = no neck: the backbone's pooled features).", default=None)
     rrc_scale: tuple[float, float] = _doc("Random-resized-crop area range (fraction of the image).", default=(0.25, 1.0))
     rrc_ratio: tuple[float, float] = _doc("Random-resized-crop aspect-ratio range.", default=(3 / 4, 4 / 3))
     hflip: float = _doc("Probability of a horizontal flip in training (0 for text, logos, characters).", default=0.0)
@@ -123,6 +124,8 @@ class TrainConfig:
         _positive_int("num_refs", self.num_refs)
         check_model_name(self.model_name)
         _positive_int("image_size", self.image_size, minimum=8)
+        if self.embedding_dim is not None:
+            _positive_int("embedding_dim", self.embedding_dim)
         self.rrc_scale = _pair("rrc_scale", self.rrc_scale, 0.0, 1.0)
         self.rrc_ratio = _pair("rrc_ratio", self.rrc_ratio, 0.0, math.inf)
         if not 0.0 <= self.hflip <= 1.0:
