@@ -421,7 +421,9 @@ def bundle_from_pretrained(model_name: str, weights: Any, out_dir: str | os.Path
     model_kwargs.pop("embedding_dim", None)
     model = Recognizer(model_name, weights=weights, **model_kwargs)
     size = int(image_size) if image_size is not None else model.preprocessing.crop_size
-    metadata = {"source_weights": None if weights is None else str(weights)}
+    # Where the weights came from: the name (with its tag) or the file and its SHA-256.
+    metadata = {"weights_source": {"model_name": model_name, "weights": None if weights is None else str(weights),
+                                   "file_sha256": model.weights_sha256}}
     return save_bundle(model, out_dir, size, threshold=None, metadata=metadata, model_kwargs=model.model_kwargs)
 
 

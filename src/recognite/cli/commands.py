@@ -44,14 +44,22 @@ def _log_summary(result: Any) -> None:
 
 
 def _run_models(args: argparse.Namespace) -> int:
-    names = [n for n in SUPPORTED_MODELS if args.filter in n] if args.filter else SUPPORTED_MODELS
+    if args.timm:
+        from recognite.model.backbones import list_timm_models
+
+        names = list_timm_models(args.filter)
+    else:
+        names = [n for n in SUPPORTED_MODELS if args.filter in n] if args.filter else SUPPORTED_MODELS
     print("\n".join(names))
     return 0
 
 
 def _register_models(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="List the supported backbones.", description="List the torchvision backbones Recognizer accepts.")
+    p = sub.add_parser("models", help="List the supported backbones.",
+                       description="List the torchvision backbones Recognizer accepts; with --timm, the timm "
+                       "architectures (names timm/<architecture>, needs recognite[timm]).")
     p.add_argument("filter", nargs="?", default="", help="Only names containing this text.")
+    p.add_argument("--timm", action="store_true", help="List timm architectures instead (timm/<name>).")
     p.set_defaults(handler=_run_models)
 
 

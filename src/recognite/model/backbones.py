@@ -27,6 +27,7 @@ from torchvision.models import (
     list_models,
 )
 
+from recognite.model._timm import check_timm_name, is_timm, list_timm_models, timm_input_size_kwargs  # noqa: F401
 from recognite.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (0.1.0 names)
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,14 @@ class WeightsUnavailableError(RuntimeError):
 
 
 def check_model_name(model_name: str) -> None:
-    """Raise a ``ValueError`` with close matches if ``model_name`` is not supported."""
+    """Raise a ``ValueError`` with close matches if ``model_name`` is not supported.
+
+    Names ``timm/<architecture>[.<tag>]`` are timm models (the optional extra ``recognite[timm]``).
+    """
     if model_name in SUPPORTED_MODELS:
+        return
+    if is_timm(model_name):
+        check_timm_name(model_name)
         return
     matches = difflib.get_close_matches(str(model_name), SUPPORTED_MODELS, n=3, cutoff=0.6)
     hint = f" Did you mean: {', '.join(matches)}?" if matches else ""
@@ -205,12 +212,14 @@ def _is_vit(model_name: str) -> bool:
 def input_size_kwargs(model_name: str, image_size: int) -> dict[str, Any]:
     """Builder arguments a network needs to take ``image_size`` inputs (the one mechanism for input sizes).
 
-    torchvision's ViTs fix their input side at build time (``image_size``, default 224); every
-    other supported network takes any size.
+    torchvision's ViTs fix their input side at build time (``image_size``, default 224), timm's
+    fixed-size models (ViTs, Swin, ...) take ``img_size``; every other network takes any size.
 
     >>> input_size_kwargs("vit_b_16", 112), input_size_kwargs("vit_b_16", 224), input_size_kwargs("resnet18", 64)
     ({'image_size': 112}, {}, {})
     """
+    if is_timm(model_name):
+        return timm_input_size_kwargs(model_name, image_size)
     if _is_vit(model_name) and image_size != 224:
         return {"image_size": int(image_size)}
     return {}

@@ -16,7 +16,9 @@ from recognite._bundle_files import (
     check_config_digest,
     read_manifest,
     read_weights,
+    sha256_file,
 )
+from recognite.model._timm import build_timm, is_timm
 from recognite.model.backbones import (
     build_network,
     check_model_name,
@@ -104,19 +106,9 @@ class Recognizer(nn.Module):
         _check_num_classes(num_subcenters, "num_subcenters")
         if clf_bias is not None:
             bias = clf_bias
-        resolved = resolve_weights(model_name, weights)
-        network = build_network(model_name, resolved if isinstance(resolved, WeightsEnum) else None, **model_kwargs)
-        drop_auxiliary_heads(network)
-        foreign_state = read_state_dict(resolved) if isinstance(resolved, Path) else None
-        if foreign_state is not None and not any(k.startswith("backbone.") for k in foreign_state):
-            # A torchvision-format checkpoint: load it into the full network, head included.
-            state = {k: v for k, v in foreign_state.items() if not k.startswith(_AUX_PREFIXES)}
-            _load_strict(network, state, resolved)
-            foreign_state = None
-
-        backbone, old_head = split_backbone_classifier(network)
+        backbone, self.backbone_dim, preprocessing, foreign_state, resolved = _build_backbone(
+            model_name, weights, model_kwargs)
         self.backbone = backbone
-        self.backbone_dim: int = old_head.in_features
         self.neck: nn.Sequential | None = None
         self.embedding_dim: int = self.backbone_dim
         if embedding_dim is not None:
@@ -133,7 +125,8 @@ class Recognizer(nn.Module):
         self.num_classes = num_classes
         self.model_kwargs: dict[str, Any] = dict(model_kwargs)
         self.weights_name = str(weights) if weights is not None else None
-        self.preprocessing: Preprocessing = preprocessing_of(resolved)
+        self.preprocessing: Preprocessing = preprocessing
+        self.weights_sha256 = _file_sha256(resolved) if isinstance(resolved, Path) else None
         self.classifier: nn.Linear | None = None
         if num_classes is not None:
             self.set_classifier(num_classes, bias=self.bias)
@@ -299,6 +292,38 @@ class Recognizer(nn.Module):
             if self.classifier.bias is not None:
                 scores = scores + self.classifier.bias.float()
         return scores
+
+
+def _build_backbone(
+    model_name: str, weights: Any, model_kwargs: dict[str, Any]
+) -> tuple[nn.Module, int, Preprocessing, dict[str, torch.Tensor] | None, Any]:
+    """``(backbone, width, preprocessing, Recognizer-format state to load or None, resolved weights)``.
+
+    torchvision names: the network without its final linear layer; ``timm/`` names: the timm
+    network built with ``num_classes=0`` (its pooled features).
+    """
+    if is_timm(model_name):
+        network, preprocessing = build_timm(model_name, weights, **model_kwargs)
+        path = None if weights is None or str(weights).upper() == "DEFAULT" else Path(str(weights)).expanduser()
+        foreign_state = read_state_dict(path) if path is not None else None
+        if foreign_state is not None and not any(k.startswith("backbone.") for k in foreign_state):
+            foreign_state = None  # a timm-format file, already loaded by build_timm
+        return network, int(network.num_features), preprocessing, foreign_state, path
+    resolved = resolve_weights(model_name, weights)
+    network = build_network(model_name, resolved if isinstance(resolved, WeightsEnum) else None, **model_kwargs)
+    drop_auxiliary_heads(network)
+    foreign_state = read_state_dict(resolved) if isinstance(resolved, Path) else None
+    if foreign_state is not None and not any(k.startswith("backbone.") for k in foreign_state):
+        # A torchvision-format checkpoint: load it into the full network, head included.
+        state = {k: v for k, v in foreign_state.items() if not k.startswith(_AUX_PREFIXES)}
+        _load_strict(network, state, resolved)
+        foreign_state = None
+    backbone, old_head = split_backbone_classifier(network)
+    return backbone, int(old_head.in_features), preprocessing_of(resolved), foreign_state, resolved
+
+
+def _file_sha256(path: Path) -> str:
+    return sha256_file(path)
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], path: Path | None) -> None:
