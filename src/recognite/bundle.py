@@ -248,7 +248,6 @@ def save_bundle(
                 "num_classes": config["num_classes"],
                 "bias": config["bias"],
                 "num_subcenters": config["num_subcenters"],
-                "neck_dim": config["neck_dim"],
                 "model_kwargs": kwargs,
             },
             "preprocessing": config["preprocessing"],
@@ -261,6 +260,8 @@ def save_bundle(
             "config_sha256": "",
             "metadata": metadata,
         }
+        if config["neck_dim"] is not None:  # written only with a neck: other bundles keep the 0.1.0 layout
+            manifest["model"]["neck_dim"] = config["neck_dim"]
         manifest["config_sha256"] = config_digest(manifest)
         os.chmod(weights_path, FILE_MODE)
         with open(tmp_dir / BUNDLE_FILE, "w", encoding="utf-8") as f:

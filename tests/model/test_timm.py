@@ -161,3 +161,13 @@ def test_every_family_builds_and_embeds(name, side):
         out = model(torch.randn(2, 3, side, side))
     assert out.shape == (2, model.embedding_dim) and model.embedding_dim == model.backbone.num_features
     assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_models_lists_timm_architectures(capsys):
+    from recognite.cli.main import main
+    from recognite.model import SUPPORTED_MODELS
+
+    assert main(["models", "--timm", "test_vit"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names and all(n.startswith("timm/test_vit") for n in names) and "timm/test_vit" in names
+    assert not any(n.startswith("timm/") for n in SUPPORTED_MODELS)  # the contract's list stays torchvision's

@@ -82,9 +82,11 @@ def _preprocessing(network: nn.Module) -> Preprocessing:
     )
 
 
-def _hub_unavailable(model_name: str, network_cfg: Any, exc: BaseException) -> Exception:
-    from recognite.model.backbones import WeightsUnavailableError
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights must be downloaded and the download failed."""
 
+
+def _hub_unavailable(model_name: str, network_cfg: Any, exc: BaseException) -> Exception:
     try:
         from huggingface_hub import constants
 
@@ -116,18 +118,12 @@ def build_timm(model_name: str, weights: Any, **model_kwargs: Any) -> tuple[nn.M
         if not pretrained or isinstance(exc, TypeError):  # TypeError: a bad builder argument
             raise
         raise _hub_unavailable(model_name, timm.models.get_pretrained_cfg(name), exc) from exc
-    if weights is not None and not pretrained:
-        load_timm_file(network, Path(str(weights)).expanduser())
     return network, _preprocessing(network)
 
 
-def load_timm_file(network: nn.Module, path: Path) -> None:
-    """Load a timm state dict file into ``network``; its classification head (absent here) is ignored."""
-    from recognite.model.backbones import read_state_dict
-
-    state = read_state_dict(path)
-    if any(k.startswith("backbone.") for k in state):
-        return  # a Recognizer checkpoint: the Recognizer loads it
+def load_timm_state(network: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load a timm state dict (read from ``path``) into ``network``; its classification head
+    (absent here) is ignored."""
     own = network.state_dict()
     missing = [k for k in own if k not in state]
     if missing:

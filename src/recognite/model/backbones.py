@@ -27,7 +27,13 @@ from torchvision.models import (
     list_models,
 )
 
-from recognite.model._timm import check_timm_name, is_timm, list_timm_models, timm_input_size_kwargs  # noqa: F401
+from recognite.model._timm import (  # noqa: F401 (re-exported)
+    WeightsUnavailableError,
+    check_timm_name,
+    is_timm,
+    list_timm_models,
+    timm_input_size_kwargs,
+)
 from recognite.preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocessing  # noqa: F401 (0.1.0 names)
 
 logger = logging.getLogger(__name__)
@@ -43,10 +49,6 @@ def _supported_models() -> list[str]:
 
 
 SUPPORTED_MODELS: list[str] = _supported_models()
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights must be downloaded and the download failed."""
 
 
 def check_model_name(model_name: str) -> None:

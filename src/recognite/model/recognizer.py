@@ -18,7 +18,7 @@ from recognite._bundle_files import (
     read_weights,
     sha256_file,
 )
-from recognite.model._timm import build_timm, is_timm
+from recognite.model._timm import build_timm, is_timm, load_timm_state
 from recognite.model.backbones import (
     build_network,
     check_model_name,
@@ -307,7 +307,8 @@ def _build_backbone(
         path = None if weights is None or str(weights).upper() == "DEFAULT" else Path(str(weights)).expanduser()
         foreign_state = read_state_dict(path) if path is not None else None
         if foreign_state is not None and not any(k.startswith("backbone.") for k in foreign_state):
-            foreign_state = None  # a timm-format file, already loaded by build_timm
+            load_timm_state(network, foreign_state, path)  # a timm-format file
+            foreign_state = None
         return network, int(network.num_features), preprocessing, foreign_state, path
     resolved = resolve_weights(model_name, weights)
     network = build_network(model_name, resolved if isinstance(resolved, WeightsEnum) else None, **model_kwargs)
