@@ -58,6 +58,17 @@ def _episodes(embs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tenso
     return {f"{n_way}-way {k_shot}-shot": result["mean"], f"{n_way}-way {k_shot}-shot ci95": result["ci95"]}
 
 
+def _embed_split(bundle: Bundle, frames: tuple[pd.DataFrame, pd.DataFrame], image_key: str, label_key: str,
+                 batch_size: int, num_workers: int, progress: bool) -> tuple[list, tuple, tuple]:
+    """Label names, ``(gallery, query)`` integer labels and ``(gallery, query)`` embeddings."""
+    names = sorted(set(frames[0][label_key]) | set(frames[1][label_key]))
+    to_int = {name: i for i, name in enumerate(names)}
+    labels = tuple(torch.tensor([to_int[v] for v in frame[label_key]]) for frame in frames)
+    embs = tuple(embed_images(bundle.model, list(frame[image_key]), bundle.transform, batch_size=batch_size,
+                              num_workers=num_workers, progress=progress) for frame in frames)
+    return names, labels, embs
+
+
 def evaluate_bundle(
     bundle: Bundle | str | os.PathLike,
     data_csv: str | os.PathLike,
@@ -119,11 +130,8 @@ def evaluate_bundle(
         threshold = bundle.threshold
     threshold = check_cosine_threshold(threshold)
     df_gallery, df_query = _split(data_csv, gallery_csv, num_refs, ref_seed, image_key, label_key)
-    names = sorted(set(df_gallery[label_key]) | set(df_query[label_key]))
-    to_int = {name: i for i, name in enumerate(names)}
-    labels = tuple(torch.tensor([to_int[v] for v in frame[label_key]]) for frame in (df_gallery, df_query))
-    embs = tuple(embed_images(bundle.model, list(frame[image_key]), bundle.transform, batch_size=batch_size,
-                              num_workers=num_workers, progress=progress) for frame in (df_gallery, df_query))
+    names, labels, embs = _embed_split(bundle, (df_gallery, df_query), image_key, label_key, batch_size,
+                                       num_workers, progress)
     ks = tuple(k for k in (1, 5, 10) if k <= len(set(labels[0].tolist()))) or (1,)
     summary = summary_metrics(embs[1], labels[1], embs[0], labels[0], metric="cosine", ks=ks, threshold=threshold,
                               calibrate=False)
@@ -162,11 +170,8 @@ def calibrate_bundle(
     num_refs = check_int(num_refs, "num_refs", minimum=1)
     bundle = load_bundle(bundle_dir, device=device)
     df_gallery, df_query = _split(data_csv, None, num_refs, ref_seed, image_key, label_key)
-    names = sorted(set(df_gallery[label_key]) | set(df_query[label_key]))
-    to_int = {name: i for i, name in enumerate(names)}
-    labels = tuple(torch.tensor([to_int[v] for v in frame[label_key]]) for frame in (df_gallery, df_query))
-    embs = tuple(embed_images(bundle.model, list(frame[image_key]), bundle.transform, batch_size=batch_size,
-                              num_workers=num_workers, progress=progress) for frame in (df_gallery, df_query))
+    names, labels, embs = _embed_split(bundle, (df_gallery, df_query), image_key, label_key, batch_size,
+                                       num_workers, progress)
     summary = summary_metrics(embs[1], labels[1], embs[0], labels[0], metric="cosine", ks=(1,),
                               threshold_method=threshold_method, target_far=target_far)
     threshold = summary.threshold
