@@ -26,6 +26,7 @@ Usage::
 
     python benchmarks/eval_bench.py                       # easy + hard, idle (a few minutes)
     python benchmarks/eval_bench.py --busy                # the same with a busy process beside
+    python benchmarks/eval_bench.py --busy --repeat 3     # median of 3 fresh runs of each
     python benchmarks/eval_bench.py --problems hard --contenders library pml_faiss
 """
 
@@ -208,6 +209,12 @@ def _spawn(name: str, threads: int | None, problem: str, busy: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _median_run(name: str, threads: int | None, problem: str, busy: bool, repeat: int) -> dict:
+    """The run with the median time of ``repeat`` fresh runs (its other figures with it)."""
+    runs = sorted((_spawn(name, threads, problem, busy) for _ in range(max(1, repeat))), key=lambda r: r["seconds"])
+    return runs[len(runs) // 2]
+
+
 def _print_table(results: dict, problems: list[str], modes: list[str], contenders: list[str]) -> None:
     print(f"{'problem':<6} {'mode':<5} {'contender':<10} {'seconds':>8} {'peak RSS':>9} {'top1':>7} {'mAP':>8}")
     for problem in problems:
@@ -240,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", nargs="+", choices=sorted(PROBLEMS), default=["easy", "hard"])
     parser.add_argument("--busy", action="store_true", help="also run every contender beside a busy process")
     parser.add_argument("--skip-streaming", action="store_true", help="skip the 1M-gallery run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="fresh runs of every contender; the median time is shown (this machine is noisy)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads in every contender (default: torch's own choice)")
     args = parser.parse_args(argv)
@@ -259,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for problem in args.problems:
         for mode in modes:
             for name in args.contenders:
-                results[problem, mode, name] = _spawn(name, args.threads, problem, mode == "busy")
+                results[problem, mode, name] = _median_run(name, args.threads, problem, mode == "busy", args.repeat)
     _print_table(results, args.problems, modes, args.contenders)
     if not args.skip_streaming:
         for mode in modes:

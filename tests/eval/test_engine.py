@@ -5,18 +5,33 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recognite.eval._engine import LabelIndex, Workspace, _nonzero_ge, chunk_stats
+from recognite.eval._engine import LabelIndex, Workspace, _sort_within_rows, chunk_stats, flat_nonzero
 
 
 @pytest.mark.parametrize("num_cols", [1, 7, 8, 41, 1000])
-def test_nonzero_ge_equals_torch_nonzero(num_cols):
+def test_flat_nonzero_equals_torch_nonzero(num_cols):
     gen = torch.Generator().manual_seed(num_cols)
-    block = torch.round(torch.randn(13, num_cols, generator=gen) * 2) / 2  # many ties
-    thresholds = torch.round(torch.randn(13, generator=gen) * 2) / 2 + 1.0
-    thresholds[3] = float("inf")  # a row with nothing picked
-    expected = torch.nonzero(block >= thresholds.unsqueeze(1))
-    assert torch.equal(_nonzero_ge(block, thresholds, Workspace()), expected)
-    assert torch.equal(_nonzero_ge(block, thresholds, Workspace(block_bytes=1)), expected)
+    flags = torch.randn(13, num_cols, generator=gen) > 0.5
+    flags[3] = False  # a row with nothing picked
+    assert torch.equal(flat_nonzero(flags), torch.nonzero(flags.reshape(-1)).squeeze(1))
+    assert flat_nonzero(torch.zeros(0, dtype=torch.bool)).numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sort_within_rows_orders_by_row_then_score(dtype):
+    special = [0.5, -0.0, 0.0, -1.5, 3.0, float("inf"), float("-inf"), 1e-40, -1e-40, 2.0, 2.0, -3e38]
+    gen = torch.Generator().manual_seed(0)
+    value = torch.cat([torch.tensor(special), torch.round(torch.randn(200, generator=gen) * 3) / 3]).to(dtype)
+    row_of = torch.sort(torch.randint(0, 9, (value.numel(),), generator=gen)).values
+    is_pos = torch.rand(value.numel(), generator=gen) > 0.7
+    got_value, got_pos = _sort_within_rows(row_of, value, is_pos)
+    for row in range(9):
+        mine = row_of == row
+        expected = torch.sort(value[mine]).values
+        assert torch.equal(got_value[mine], expected)
+        # positives travel with their scores: per distinct score, as many positives as before
+        for score in expected.unique():
+            assert int((got_pos[mine] & (got_value[mine] == score)).sum()) == int((is_pos[mine] & (value[mine] == score)).sum())
 
 
 @pytest.mark.parametrize("curves", [False, True])

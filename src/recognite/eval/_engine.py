@@ -11,23 +11,27 @@ score), which is exactly scikit-learn's ``average_precision_score`` and the area
 returned by :func:`recognite.eval.pr_metrics`.
 
 Only the items scoring at least as high as a query's lowest-scoring positive ("depth" items) are
-ever sorted: they are picked by one comparison pass (scanned eight flags at a time) and sorted
-together, so the cost is far below a full sort when positives rank well. Passes over score rows
+ever sorted: they are picked by one comparison pass and sorted together, by one radix sort of
+(row, score) keys per group of rows, so the cost is far below a full sort when positives rank
+well, and the number of operations does not grow with the number of queries (few, large
+operations: no step waits long on a thread that a busy machine has descheduled). Passes over score rows
 run in blocks of a few MB through reused buffers, so no call allocates (and page-faults) a
 temporary as large as the score matrix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from ._checks import check_finite, rows_per_chunk
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
-_BYTES_PER_RANKED_ELEMENT = 64  # picked entries: positions, columns, values, sort orders, padded layout
+_BYTES_PER_RANKED_ELEMENT = 96  # picked items: rows, columns, values, sort keys and orders, curve points
 _MAX_COUNTED_POSITIVES = 32  # rows with more positives are sorted rather than counted
 _MAX_TOPK_DEPTH = 1024  # deeper rows with few positives are counted rather than sorted
 _BYTES_PER_ELEMENT_COUNTED = 8
@@ -135,7 +139,12 @@ def extreme_stats(
         "max_pos": max_pos,
         "min_pos": min_pos,
     }
-    if need_max_neg or need_first_rank:
+    if need_first_rank and not need_max_neg:
+        # One counting pass: the best positive's rank is 1 + the negatives scoring >= it.
+        ties = torch.count_nonzero(pos_valid & (pos_scores >= max_pos.unsqueeze(1)), dim=1)
+        first_rank = 1 + workspace.count_ge(scores, max_pos) - ties
+        out["first_rank"] = torch.where(num_pos > 0, first_rank, torch.full_like(first_rank, NO_RANK))
+    elif need_max_neg or need_first_rank:
         # Padding slots point at a row's first positive (or item 0 when it has none): writing
         # -inf in rows with positives and the unchanged score otherwise keeps every write consistent.
         fill = torch.where(num_pos.unsqueeze(1) > 0, torch.full_like(pos_scores, _NEG_INF), pos_scores)
@@ -163,6 +172,23 @@ def extreme_stats(
     return out
 
 
+class RankedGroup(NamedTuple):
+    """The items of a group of rows that score at least their row's threshold, sorted, flat.
+
+    Items are laid out row after row (rows in ascending order), each row's items by *increasing*
+    score (the order of scikit-learn's curves); the order of tied items is unspecified (callers
+    only use tie-invariant quantities).
+    """
+
+    rows: torch.Tensor  # (r,) chunk row indices, ascending
+    start: torch.Tensor  # (r,) offset of each row's first item
+    depth: torch.Tensor  # (r,) number of items of each row
+    row_of: torch.Tensor  # (N,) position in ``rows`` of each item
+    value: torch.Tensor  # (N,) scores
+    is_pos: torch.Tensor  # (N,) bool: the item has the row's label
+    first_of_tie: torch.Tensor  # (N,) bool: the previous item is in another row or scores lower
+
+
 def ranked_rows(
     scores: torch.Tensor,
     label_index: LabelIndex,
@@ -171,16 +197,13 @@ def ranked_rows(
     thresholds: torch.Tensor,
     memory_budget: int,
     workspace: Workspace,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield ``(rows, values, is_pos)``: each row's items scoring ``>= thresholds[row]``, sorted.
+) -> Iterator[RankedGroup]:
+    """Yield groups of rows with each row's items scoring ``>= thresholds[row]``, sorted.
 
-    ``depth[row]`` must be the number of such items (rows of depth 0 are skipped). ``rows``
-    indexes the chunk; ``values`` / ``is_pos`` are ``(r, K)`` with ``K >= depth[row]``: the row's
-    ``depth`` best scores in descending order, then ``-inf`` padding (never positive). Rows are
-    grouped by the next power of two of their depth, so padding stays below half of each group.
-    The items are picked by comparing with the threshold (no sort over the gallery); groups of
-    rows are sized so the picked items fit ``memory_budget``. The order of tied items inside
-    ``values`` is unspecified (callers only use tie-invariant quantities).
+    ``depth[row]`` must be the number of such items (rows of depth 0 are skipped). The items are
+    picked by comparing with the threshold (no sort over the gallery) and sorted by one radix sort
+    of (row, score) keys for the whole group, so the number of operations does not grow with the
+    number of rows; groups are sized so the picked items fit ``memory_budget``.
     """
     active = torch.nonzero(depth > 0).squeeze(1)
     if active.numel() == 0:
@@ -190,28 +213,42 @@ def ranked_rows(
     group_of_row = torch.div(torch.cumsum(active_depth, 0) - active_depth, entries_per_group, rounding_mode="floor")
     for group in torch.unique_consecutive(group_of_row).tolist():
         rows = active[group_of_row == group]
-        yield from _ranked_group(scores, label_index, query_labels, rows, depth.index_select(0, rows),
-                                 thresholds.index_select(0, rows), workspace)
+        yield _ranked_group(scores, label_index, query_labels, rows, depth.index_select(0, rows),
+                            thresholds.index_select(0, rows), workspace)
 
 
-def _nonzero_ge(block: torch.Tensor, thresholds: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-    """``(n, 2)`` (row, column) of the entries of ``block (r, G)`` that are ``>= thresholds (r,)``.
+def flat_nonzero(flags: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` int64 positions of the true entries of a contiguous bool tensor, read as flat.
 
-    Same as ``torch.nonzero(block >= thresholds[:, None])``, in the same order, but the flags are
-    first scanned eight at a time (as 64-bit words), so only the words holding a picked entry are
-    looked at one by one: much faster when few entries are picked.
+    On the CPU this is NumPy's ``flatnonzero`` on the same memory, single-threaded and 2-4x
+    faster than ``torch.nonzero`` here (so it also never waits on a descheduled thread).
     """
-    rows, cols = block.shape
-    width = -(-cols // 8) * 8
-    padded = workspace.buffer(rows, width, torch.bool, block.device)
-    if width > cols:
-        padded[:, cols:] = False
-    torch.ge(block, thresholds.unsqueeze(1), out=padded[:, :cols])
-    words = torch.nonzero(padded.view(torch.int64))
-    flags = padded.view(rows, width // 8, 8)[words[:, 0], words[:, 1]]
-    within = torch.nonzero(flags)
-    word = words.index_select(0, within[:, 0])
-    return torch.stack([word[:, 0], word[:, 1] * 8 + within[:, 1]], dim=1)
+    if flags.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(flags.numpy()))
+    return torch.nonzero(flags.reshape(-1)).squeeze(1)
+
+
+def _sort_within_rows(
+    row_of: torch.Tensor, value: torch.Tensor, is_pos: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(value, is_pos)`` of items sorted by increasing ``value`` within each row.
+
+    ``row_of`` (the item's row) must be ascending; it is unchanged by the sort. float32 scores:
+    one sort of 64-bit keys ``row << 33 | score bits << 1 | is_pos`` (the score's bits mapped so
+    that integer order is float order), which torch runs as a radix sort; values and flags are
+    read back from the sorted keys, with no gather. Other dtypes: a stable sort by score, then a
+    stable sort by row.
+    """
+    if value.dtype == torch.float32 and (row_of.numel() == 0 or int(row_of[-1]) < 2**30):
+        bits = value.view(torch.int32).to(torch.int64)
+        ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) + 2**31  # in [0, 2**32), float order
+        keys = torch.sort((row_of << 33) | (ordered << 1) | is_pos.to(torch.int64)).values
+        bits = ((keys >> 1) & 0xFFFFFFFF) - 2**31
+        bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return bits.to(torch.int32).view(torch.float32), (keys & 1).bool()
+    order = torch.sort(value, stable=True).indices
+    order = order.index_select(0, torch.sort(row_of.index_select(0, order), stable=True).indices)
+    return value.index_select(0, order), is_pos.index_select(0, order)
 
 
 def _ranked_group(
@@ -222,66 +259,57 @@ def _ranked_group(
     depth: torch.Tensor,
     thresholds: torch.Tensor,
     workspace: Workspace,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+) -> RankedGroup:
     """:func:`ranked_rows` for one group of rows (sorted chunk row indices, all of depth > 0)."""
     num_gallery = scores.shape[1]
-    # 1. Pick (row position, gallery column) of every item at or above its row's threshold.
+    # 1. Pick (row position, score, positive?) of every item at or above its row's threshold.
     step = workspace.block_rows(num_gallery)
-    positions, columns = [], []
+    positions, columns, values = [], [], []
     for start in range(0, rows.numel(), step):
         block_rows = rows[start : start + step]
         first, last = int(block_rows[0]), int(block_rows[-1])
         contiguous = last - first + 1 == block_rows.numel()
         block = scores[first : last + 1] if contiguous else scores.index_select(0, block_rows)
-        picked = _nonzero_ge(block, thresholds[start : start + step], workspace)
-        positions.append(picked[:, 0] + start)
-        columns.append(picked[:, 1])
-    position, column = torch.cat(positions), torch.cat(columns)
-    value = scores[rows.index_select(0, position), column]
-    # 2. Sort by row, then by descending score: one stable sort on the score, one on the row.
-    order = torch.sort(value, descending=True, stable=True).indices
-    order = order.index_select(0, torch.sort(position.index_select(0, order), stable=True).indices)
-    position, column, value = position[order], column[order], value[order]
-    query_of_entry = query_labels.index_select(0, rows).index_select(0, position)
-    entry_is_pos = label_index.gallery_labels.index_select(0, column) == query_of_entry.to(label_index.gallery_labels.dtype)
-    offsets = torch.cumsum(depth, 0) - depth
-    rank_in_row = torch.arange(position.numel(), device=position.device) - offsets.index_select(0, position)
-    # 3. Lay rows out padded to the next power of two of their depth, one group per size.
-    sizes = torch.clamp(2 ** torch.ceil(torch.log2(depth.double())).long(), min=1, max=num_gallery)
-    for size in torch.unique(sizes).tolist():
-        in_size = sizes == size
-        members = torch.nonzero(in_size).squeeze(1)
-        slot = torch.full((rows.numel(),), -1, dtype=torch.long, device=rows.device)
-        slot[members] = torch.arange(members.numel(), device=rows.device)
-        entry = torch.nonzero(in_size.index_select(0, position)).squeeze(1)
-        target = slot.index_select(0, position.index_select(0, entry)) * size + rank_in_row.index_select(0, entry)
-        values = torch.full((members.numel() * size,), _NEG_INF, dtype=scores.dtype, device=scores.device)
-        values[target] = value.index_select(0, entry)
-        is_pos = torch.zeros((members.numel() * size,), dtype=torch.bool, device=scores.device)
-        is_pos[target] = entry_is_pos.index_select(0, entry)
-        yield rows.index_select(0, members), values.view(-1, size), is_pos.view(-1, size)
+        flags = workspace.buffer(block.shape[0], num_gallery, torch.bool, block.device)
+        torch.ge(block, thresholds[start : start + step].unsqueeze(1), out=flags)
+        picked = flat_nonzero(flags).to(block.device)
+        positions.append(torch.div(picked, num_gallery, rounding_mode="floor") + start)
+        columns.append(picked % num_gallery)
+        values.append(block.reshape(-1).index_select(0, picked))
+    row_of, column, value = torch.cat(positions), torch.cat(columns), torch.cat(values)
+    query_of_item = query_labels.index_select(0, rows).index_select(0, row_of)
+    is_pos = label_index.gallery_labels.index_select(0, column) == query_of_item.to(label_index.gallery_labels.dtype)
+    # 2. Sort each row by score (rows are already in order and stay so).
+    value, is_pos = _sort_within_rows(row_of, value, is_pos)
+    first_of_tie = torch.ones_like(is_pos)
+    first_of_tie[1:] = (value[1:] != value[:-1]) | (row_of[1:] != row_of[:-1])
+    start = torch.cumsum(depth, 0) - depth
+    return RankedGroup(rows, start, depth, row_of, value, is_pos, first_of_tie)
 
 
-def positives_from_ranked(
-    values: torch.Tensor, is_pos: torch.Tensor, num_pos: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-positive counts from rows sorted to their depth.
+def positives_from_ranked(group: RankedGroup, num_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-positive counts of a ranked group.
 
     Returns ``(valid, pos_ge, cnt_ge)``, each ``(r, P)`` with the row's positives in order of
     decreasing score: ``cnt_ge`` = items scoring ``>=`` the positive, ``pos_ge`` = positives
     among them. Tied positives get equal counts, so the layout does not depend on tie order.
     """
-    cnt_all = torch.searchsorted(values.neg().contiguous(), values.neg().contiguous(), right=True)
-    cum_pos = torch.cumsum(is_pos, dim=1)
-    pos_all = cum_pos.gather(1, cnt_all - 1)
+    device = group.value.device
+    pos_items = torch.nonzero(group.is_pos).squeeze(1)  # by row, then by increasing score
+    pos_row = group.row_of.index_select(0, pos_items)
+    tie_starts = torch.nonzero(group.first_of_tie).squeeze(1)
+    tie_start = tie_starts.index_select(0, torch.searchsorted(tie_starts, pos_items, right=True) - 1)
+    row_end = (group.start + group.depth).index_select(0, pos_row)
+    first_pos = torch.searchsorted(pos_items, group.start).index_select(0, pos_row)  # row's first positive
+    cnt = row_end - tie_start
+    pos_cnt = num_pos.index_select(0, pos_row) - (torch.searchsorted(pos_items, tie_start) - first_pos)
+    slot = num_pos.index_select(0, pos_row) - 1 - (torch.arange(pos_items.numel(), device=device) - first_pos)
     width = max(1, int(num_pos.max()))
-    slot = torch.where(is_pos, cum_pos - 1, width)  # non-positives go to a spill column
-    shape = (values.shape[0], width + 1)
-    cnt_ge = torch.zeros(shape, dtype=torch.long, device=values.device).scatter_(1, slot, cnt_all)
-    pos_ge = torch.zeros(shape, dtype=torch.long, device=values.device).scatter_(1, slot, pos_all)
-    slots = torch.arange(width, device=values.device)
-    valid = slots.unsqueeze(0) < num_pos.unsqueeze(1)
-    return valid, pos_ge[:, :width], cnt_ge[:, :width]
+    shape = (group.rows.numel(), width)
+    cnt_ge = torch.zeros(shape, dtype=torch.long, device=device).index_put_((pos_row, slot), cnt)
+    pos_ge = torch.zeros(shape, dtype=torch.long, device=device).index_put_((pos_row, slot), pos_cnt)
+    valid = torch.arange(width, device=device).unsqueeze(0) < num_pos.unsqueeze(1)
+    return valid, pos_ge, cnt_ge
 
 
 def positives_by_counting(
@@ -336,48 +364,76 @@ def ranked_stats(
     return {"ap": ap, "r_precision": r_precision, "map_at_r": map_at_r, "recall_hits": recall_hits}
 
 
-def curves_from_ranked(
-    values: torch.Tensor, is_pos: torch.Tensor, depth: torch.Tensor, num_pos: torch.Tensor
-) -> dict[str, object]:
-    """Per-row PR curves in scikit-learn's ``precision_recall_curve`` layout, plus max-F1 points.
+def curves_from_ranked(group: RankedGroup, num_pos: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PR points of a ranked group, plus each row's max-F1 point.
 
-    For each row: one point per distinct score down to the first threshold that reaches full
-    recall, listed by increasing threshold, then the end point ``(precision 1, recall 0)`` that has
-    no threshold.
+    One point per distinct score of a row, from its lowest positive (where recall reaches 1) up.
+    Returns ``counts`` ``(r,)`` (points per row) and the points row after row, each row's by
+    increasing threshold (scikit-learn's order): ``precisions`` / ``recalls`` (float64) and
+    ``thresholds`` (the scores' dtype), plus ``max_f1``, ``p_at_max_f1``, ``r_at_max_f1``,
+    ``t_at_max_f1`` ``(r,)`` (the highest threshold among equal F1).
     """
-    num_rows, size = values.shape
-    positions = torch.arange(size, device=values.device)
-    within = positions.unsqueeze(0) < depth.unsqueeze(1)
-    next_differs = torch.ones_like(within)
-    next_differs[:, :-1] = values[:, 1:] != values[:, :-1]
-    keep = next_differs & within
-    true_pos = torch.cumsum(is_pos, dim=1).double()
-    precision = true_pos / (positions + 1).double().unsqueeze(0)
-    recall = true_pos / num_pos.double().unsqueeze(1)
+    num_rows = group.rows.numel()
+    device = group.value.device
+    num_items = group.value.numel()
+    kept = torch.nonzero(group.first_of_tie).squeeze(1)  # one point per tie group, by row
+    no_ties = kept.numel() == num_items  # the usual case: then every item is a point
+    row = group.row_of if no_ties else group.row_of.index_select(0, kept)
+    row_start = group.start.index_select(0, row)
+    pos_before_item = torch.cumsum(group.is_pos, 0) - group.is_pos.long()  # positives earlier in the layout
+    pos_before = pos_before_item if no_ties else pos_before_item.index_select(0, kept)
+    pos_before_row = pos_before_item.index_select(0, group.start).index_select(0, row)
+    row_num_pos = num_pos.index_select(0, row)
+    # items / positives scoring >= the point: everything from the point to the row's end
+    true_pos = (row_num_pos - (pos_before - pos_before_row)).double()
+    precision = true_pos / (group.depth.index_select(0, row) - (kept - row_start)).double()
+    recall = true_pos / row_num_pos.double()
     denom = precision + recall
     f1 = torch.where(denom > 0, 2 * precision * recall / torch.where(denom > 0, denom, 1.0), 0.0)
-    f1 = torch.where(keep, f1, -1.0)
-    best_f1, best = f1.max(dim=1)  # first maximum: the highest threshold among equal F1
-    best = best.unsqueeze(1)
-    counts = torch.count_nonzero(keep, dim=1)
-    keep_rev = keep.flip(1)
-    end_mask = torch.ones((num_rows, 1), dtype=torch.bool, device=values.device)
-    curve_mask = torch.cat([keep_rev, end_mask], dim=1)
-    ones = torch.ones((num_rows, 1), dtype=torch.float64, device=values.device)
-    zeros = torch.zeros((num_rows, 1), dtype=torch.float64, device=values.device)
-    curve_counts = (counts + 1).tolist()
-    precisions = torch.cat([precision.flip(1), ones], dim=1)[curve_mask].split(curve_counts)
-    recalls = torch.cat([recall.flip(1), zeros], dim=1)[curve_mask].split(curve_counts)
-    thresholds = values.flip(1)[keep_rev].split(counts.tolist())
+    best_f1 = torch.full((num_rows,), -1.0, dtype=torch.float64, device=device)
+    best_f1.scatter_reduce_(0, row, f1, "amax")
+    point = torch.arange(kept.numel(), device=device)
+    best = torch.full((num_rows,), -1, dtype=torch.long, device=device)
+    best.scatter_reduce_(0, row, torch.where(f1 == best_f1.index_select(0, row), point, -1), "amax")
+    value = group.value if no_ties else group.value.index_select(0, kept)
     return {
-        "precisions": precisions,
-        "recalls": recalls,
-        "thresholds": thresholds,
+        "counts": group.depth if no_ties else torch.bincount(row, minlength=num_rows),
+        "precisions": precision,
+        "recalls": recall,
+        "thresholds": value,
         "max_f1": best_f1,
-        "p_at_max_f1": precision.gather(1, best).squeeze(1),
-        "r_at_max_f1": recall.gather(1, best).squeeze(1),
-        "t_at_max_f1": values.gather(1, best).squeeze(1),
+        "p_at_max_f1": precision.index_select(0, best),
+        "r_at_max_f1": recall.index_select(0, best),
+        "t_at_max_f1": value.index_select(0, best),
     }
+
+
+def _chunk_curves(num_rows: int, parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]], dtype: torch.dtype,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The PR curves of every row of a chunk, flat, from the curves of its ranked groups.
+
+    Each row's points (by increasing threshold) are followed by the end point ``precision 1,
+    recall 0``, which has no threshold; rows without points get only the end point.
+    """
+    counts = torch.zeros(num_rows, dtype=torch.long, device=device)
+    nan = torch.full((num_rows,), float("nan"), dtype=torch.float64, device=device)
+    best = {key: nan.clone() for key in ("max_f1", "p_at_max_f1", "r_at_max_f1")}
+    best["t_at_max_f1"] = torch.full((num_rows,), float("nan"), dtype=dtype, device=device)
+    for rows, curve in parts:
+        counts[rows] = curve["counts"]
+        for key in best:
+            best[key][rows] = curve[key].to(best[key].dtype)
+    flat = {key: torch.cat([curve[key] for _, curve in parts]) if parts else torch.zeros(0, dtype=torch.float64)
+            for key in ("precisions", "recalls")}
+    thresholds = torch.cat([curve["thresholds"] for _, curve in parts]) if parts else torch.zeros(0, dtype=dtype)
+    row_of_point = torch.repeat_interleave(torch.arange(num_rows, device=device), counts)
+    at = torch.arange(row_of_point.numel(), device=device) + row_of_point  # one end point per earlier row
+    out = {}
+    for key, end_value in (("precisions", 1.0), ("recalls", 0.0)):
+        curve = torch.full((row_of_point.numel() + num_rows,), end_value, dtype=torch.float64, device=device)
+        out[f"curve_{key}"] = curve.index_copy_(0, at, flat[key].to(device))
+    out.update(curve_thresholds=thresholds.to(dtype), curve_counts=counts, **best)
+    return out
 
 
 def chunk_stats(
@@ -395,7 +451,10 @@ def chunk_stats(
     """All per-query statistics for one chunk of query rows ``scores (c, G)``.
 
     With ``ranks=False`` only :func:`extreme_stats` is computed (no sorting at all).
-    With ``curves=True`` the PR curves of :func:`curves_from_ranked` are added (lists in row order).
+    With ``curves=True`` every row's PR curve is added, flat (see :func:`_chunk_curves`):
+    ``curve_counts`` ``(c,)`` points per row (without the end point), ``curve_precisions`` /
+    ``curve_recalls`` ``(sum(curve_counts) + c,)``, ``curve_thresholds`` ``(sum(curve_counts),)``,
+    and the max-F1 fields.
     """
     workspace = workspace if workspace is not None else Workspace()
     out: dict[str, object] = dict(
@@ -410,13 +469,8 @@ def chunk_stats(
     nan = torch.full((num_rows,), float("nan"), dtype=torch.float64, device=scores.device)
     ap, r_precision, map_at_r = nan.clone(), nan.clone(), nan.clone()
     recall_hits = torch.zeros((num_rows, len(ks)), dtype=torch.long, device=scores.device)
-    if curves:
-        empty_thr = scores.new_zeros((0,))
-        precisions: list[torch.Tensor] = [torch.ones(1, dtype=torch.float64)] * num_rows
-        recalls: list[torch.Tensor] = [torch.zeros(1, dtype=torch.float64)] * num_rows
-        thresholds: list[torch.Tensor] = [empty_thr] * num_rows
-        max_f1, p_at, r_at = nan.clone(), nan.clone(), nan.clone()
-        t_at = torch.full((num_rows,), float("nan"), dtype=scores.dtype, device=scores.device)
+    curve_parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+
     def store(rows: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
         ap[rows] = stats["ap"]
         r_precision[rows] = stats["r_precision"]
@@ -424,56 +478,60 @@ def chunk_stats(
         recall_hits[rows] = stats["recall_hits"]
 
     if not curves:
-        # Rows whose positives rank so deep that a full sort would be needed, but that have few
-        # positives: count instead of sorting (one pass per positive).
-        num_gallery = scores.shape[1]
-        deep = (depth > 0) & (num_pos <= _MAX_COUNTED_POSITIVES)  # type: ignore[operator]
-        deep &= (depth > _MAX_TOPK_DEPTH) | (4 * depth > num_gallery)
-        deep_rows = torch.nonzero(deep).squeeze(1)
-        if deep_rows.numel():
-            depth = depth.masked_fill(deep, 0)
-            pos_index, pos_valid, _ = label_index.positives(query_labels)
-            if 2 * deep_rows.numel() >= num_rows:
-                # Mostly deep: count on the chunk itself (no row copy), keep the deep rows.
-                valid, pos_ge, cnt_ge = positives_by_counting(
-                    scores, scores.gather(1, pos_index), pos_valid, workspace
-                )
-                stats = ranked_stats(valid, pos_ge, cnt_ge, num_pos, ks)  # type: ignore[arg-type]
-                store(deep_rows, {key: value[deep_rows] for key, value in stats.items()})
-            else:
-                for rows in deep_rows.split(max(1, memory_budget // (_BYTES_PER_ELEMENT_COUNTED * num_gallery))):
-                    row_scores = scores.index_select(0, rows)
-                    row_pos_scores = row_scores.gather(1, pos_index.index_select(0, rows))
-                    valid, pos_ge, cnt_ge = positives_by_counting(
-                        row_scores, row_pos_scores, pos_valid.index_select(0, rows), workspace
-                    )
-                    row_num_pos = num_pos.index_select(0, rows)  # type: ignore[union-attr]
-                    store(rows, ranked_stats(valid, pos_ge, cnt_ge, row_num_pos, ks))
-    for rows, values, is_pos in ranked_rows(scores, label_index, query_labels, depth, min_pos, memory_budget, workspace):
-        row_num_pos = num_pos.index_select(0, rows)  # type: ignore[union-attr]
-        valid, pos_ge, cnt_ge = positives_from_ranked(values, is_pos, row_num_pos)
-        store(rows, ranked_stats(valid, pos_ge, cnt_ge, row_num_pos, ks))
+        depth = _count_deep_rows(scores, label_index, query_labels, ks, memory_budget, num_pos, depth,  # type: ignore[arg-type]
+                                 workspace, store)
+    for group in ranked_rows(scores, label_index, query_labels, depth, min_pos, memory_budget, workspace):  # type: ignore[arg-type]
+        row_num_pos = num_pos.index_select(0, group.rows)  # type: ignore[union-attr]
+        valid, pos_ge, cnt_ge = positives_from_ranked(group, row_num_pos)
+        store(group.rows, ranked_stats(valid, pos_ge, cnt_ge, row_num_pos, ks))
         if curves:
-            curve = curves_from_ranked(values, is_pos, depth.index_select(0, rows), row_num_pos)
-            for position, row in enumerate(rows.tolist()):
-                precisions[row] = curve["precisions"][position]  # type: ignore[index]
-                recalls[row] = curve["recalls"][position]  # type: ignore[index]
-                thresholds[row] = curve["thresholds"][position]  # type: ignore[index]
-            max_f1[rows] = curve["max_f1"]  # type: ignore[assignment]
-            p_at[rows] = curve["p_at_max_f1"]  # type: ignore[assignment]
-            r_at[rows] = curve["r_at_max_f1"]  # type: ignore[assignment]
-            t_at[rows] = curve["t_at_max_f1"]  # type: ignore[assignment]
+            curve_parts.append((group.rows, curves_from_ranked(group, row_num_pos)))
     out.update(ap=ap, r_precision=r_precision, map_at_r=map_at_r, recall_hits=recall_hits)
     if curves:
-        out.update(
-            precisions=precisions, recalls=recalls, thresholds=thresholds,
-            max_f1=max_f1, p_at_max_f1=p_at, r_at_max_f1=r_at, t_at_max_f1=t_at,
-        )
+        out.update(_chunk_curves(num_rows, curve_parts, scores.dtype, scores.device))
     return out
 
 
+def _count_deep_rows(
+    scores: torch.Tensor,
+    label_index: LabelIndex,
+    query_labels: torch.Tensor,
+    ks: Sequence[int],
+    memory_budget: int,
+    num_pos: torch.Tensor,
+    depth: torch.Tensor,
+    workspace: Workspace,
+    store: Callable[[torch.Tensor, dict[str, torch.Tensor]], None],
+) -> torch.Tensor:
+    """Stats of the rows whose positives rank so deep that a sort would be long, but that have few
+    positives: counted instead of sorted (one pass per positive). Returns ``depth`` with those
+    rows set to 0, so the ranked path skips them.
+    """
+    num_rows, num_gallery = scores.shape
+    deep = (depth > 0) & (num_pos <= _MAX_COUNTED_POSITIVES)
+    deep &= (depth > _MAX_TOPK_DEPTH) | (4 * depth > num_gallery)
+    deep_rows = torch.nonzero(deep).squeeze(1)
+    if deep_rows.numel() == 0:
+        return depth
+    pos_index, pos_valid, _ = label_index.positives(query_labels)
+    if 2 * deep_rows.numel() >= num_rows:
+        # Mostly deep: count on the chunk itself (no row copy), keep the deep rows.
+        valid, pos_ge, cnt_ge = positives_by_counting(scores, scores.gather(1, pos_index), pos_valid, workspace)
+        stats = ranked_stats(valid, pos_ge, cnt_ge, num_pos, ks)
+        store(deep_rows, {key: value[deep_rows] for key, value in stats.items()})
+    else:
+        for rows in deep_rows.split(max(1, memory_budget // (_BYTES_PER_ELEMENT_COUNTED * num_gallery))):
+            row_scores = scores.index_select(0, rows)
+            row_pos_scores = row_scores.gather(1, pos_index.index_select(0, rows))
+            valid, pos_ge, cnt_ge = positives_by_counting(
+                row_scores, row_pos_scores, pos_valid.index_select(0, rows), workspace
+            )
+            store(rows, ranked_stats(valid, pos_ge, cnt_ge, num_pos.index_select(0, rows), ks))
+    return depth.masked_fill(deep, 0)
+
+
 def merge_chunks(parts: list[dict[str, object]]) -> dict[str, object]:
-    """Concatenate per-chunk statistics (tensors along dim 0, lists by extension)."""
+    """Concatenate per-chunk statistics along dim 0 (flat curves stay in row order)."""
     merged: dict[str, object] = {}
     for key, first in parts[0].items():
         if isinstance(first, torch.Tensor):

@@ -34,7 +34,8 @@ def pr_metrics(
     gets the curve ``Precisions=[1.]``, ``Recalls=[0.]``, ``Thresholds=[]`` and ``nan`` for its AP
     and its F1 fields; it is left out of ``mAP``.
 
-    All curves come from one batched (top-k) sort per chunk of queries, never a loop of sorts.
+    All curves come from one radix sort of the items above each query's lowest positive, per
+    group of queries, never a loop of sorts.
 
     Args:
         scores: ``(Q, G)`` similarities.
@@ -71,10 +72,13 @@ def pr_metrics(
     valid = ap[num_pos > 0]
     dtype = scores.dtype  # computed in float64, returned in the scores' dtype (as the earlier release)
     mean_ap = valid.mean() if valid.numel() else torch.tensor(float("nan"), dtype=torch.float64)
+    counts: torch.Tensor = stats["curve_counts"]  # type: ignore[assignment]
+    points = counts.tolist()
+    with_end = (counts + 1).tolist()
     return {
-        "Precisions": [p.to(dtype) for p in stats["precisions"]],  # type: ignore[union-attr]
-        "Recalls": [r.to(dtype) for r in stats["recalls"]],  # type: ignore[union-attr]
-        "Thresholds": stats["thresholds"],
+        "Precisions": list(stats["curve_precisions"].to(dtype).split(with_end)),  # type: ignore[union-attr]
+        "Recalls": list(stats["curve_recalls"].to(dtype).split(with_end)),  # type: ignore[union-attr]
+        "Thresholds": list(stats["curve_thresholds"].split(points)),  # type: ignore[union-attr]
         "AP": ap.to(dtype),
         "mAP": mean_ap.to(dtype),
         "P@maxF1": stats["p_at_max_f1"].to(dtype),  # type: ignore[union-attr]
