@@ -18,7 +18,7 @@ DOC = ROOT / "docs" / "architecture.md"
 
 FOUNDATION = {"recognite", "_atomic", "_bundle_files", "checkpoint", "preprocessing", "model", "data", "eval",
               "utils", "losses"}
-WORKFLOWS = {"train", "bundle", "deploy", "embedding", "evaluate", "export", "gallery", "report"}
+WORKFLOWS = {"train", "bundle", "deploy", "embedding", "evaluate", "export", "gallery", "report", "serve"}
 FACE = {"cli", "__main__"}
 
 

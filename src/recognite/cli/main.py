@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from recognite.cli import commands, deploy, evaluate_command, report_command
+from recognite.cli import commands, deploy, evaluate_command, report_command, serve_command
 
 logger = logging.getLogger("recognite")
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Log debug messages.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for register in commands.REGISTRY + evaluate_command.REGISTRY + deploy.REGISTRY + report_command.REGISTRY:
+    for register in commands.REGISTRY + evaluate_command.REGISTRY + deploy.REGISTRY + report_command.REGISTRY + serve_command.REGISTRY:
         register(sub)
     return parser
 

@@ -14,16 +14,31 @@ Every failure is a ``ValueError`` (or ``FileNotFoundError``) naming the file.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MAX_IMAGE_PIXELS", "check_images", "read_image"]
+__all__ = ["MAX_IMAGE_PIXELS", "ImageTooLargeError", "check_images", "read_image"]
 
 MAX_IMAGE_PIXELS = 89_478_485
 """Largest image accepted, in pixels (Pillow's own warning limit, about 9459 x 9459)."""
+
+
+
+class ImageTooLargeError(ValueError):
+    """An image with more pixels than the limit; refused before it was decoded.
+
+    Attributes:
+        size: ``(width, height)`` from the file's header, or None when Pillow refused to read it.
+    """
+
+    def __init__(self, message: str, size: tuple[int, int] | None = None) -> None:
+        super().__init__(message)
+        self.size = size
+
 
 _EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
 
@@ -45,30 +60,44 @@ def _to_eight_bit(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
-def read_image(path: str | os.PathLike, mode: str | None = "RGB") -> Image.Image:
-    """Read an image file as described in the module docstring.
+def read_image(
+    path: str | os.PathLike | bytes,
+    mode: str | None = "RGB",
+    *,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    formats: tuple[str, ...] | None = None,
+) -> Image.Image:
+    """Read an image file (or the bytes of one) as described in the module docstring.
 
     Args:
-        path: The image file.
+        path: The image file, or its content as ``bytes`` (an upload; named ``<upload>``).
         mode: PIL mode of the result; ``None`` keeps the file's (8-bit) mode.
+        max_pixels: Largest accepted width x height; larger images are refused before decoding.
+        formats: Pillow format names to try (e.g. ``("PNG",)``, from the file's own first bytes);
+            None lets Pillow try every format it knows.
 
     Returns:
         The decoded image (loaded, the file closed).
 
     Raises:
         FileNotFoundError: No such file.
-        ValueError: Not an image, a corrupt or truncated one, or one over :data:`MAX_IMAGE_PIXELS`.
+        ValueError: Not an image, a corrupt or truncated one, or one over ``max_pixels``.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image file {os.fspath(path)!r} does not exist.")
+    if isinstance(path, bytes):
+        name, source = "<upload>", io.BytesIO(path)
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Image file {os.fspath(path)!r} does not exist.")
+        name, source = os.fspath(path), path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below, with a clearer message
-            with Image.open(path) as file_image:
+            with Image.open(source, formats=formats) as file_image:
                 width, height = file_image.size
-                if width * height > MAX_IMAGE_PIXELS:
-                    raise ValueError(f"The image {os.fspath(path)} is {width} x {height} pixels, more than the "
-                                     f"limit of {MAX_IMAGE_PIXELS:,} (a decompression bomb?); it was not decoded.")
+                if width * height > max_pixels:
+                    raise ImageTooLargeError(f"The image {name} is {width} x {height} pixels, more than the "
+                                             f"limit of {max_pixels:,} (a decompression bomb?); it was not decoded.",
+                                             (width, height))
                 file_image.load()
                 image = ImageOps.exif_transpose(file_image)
                 image = _to_eight_bit(image)
@@ -76,8 +105,11 @@ def read_image(path: str | os.PathLike, mode: str | None = "RGB") -> Image.Image
                     image = image.convert(mode)
                 elif image is file_image:
                     image = image.copy()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as exc:
-        raise ValueError(f"Could not read the image {os.fspath(path)}: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, checked when the header is read
+        raise ImageTooLargeError(f"The image {name} has more than {max_pixels:,} pixels (a decompression bomb?); "
+                                 "it was not decoded.") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ValueError(f"Could not read the image {name}: {exc}") from exc
     return image
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import os
@@ -301,6 +302,16 @@ class GalleryIndex:
             _faiss.import_faiss(backend)  # fail now, not at the first search
         self._backend = backend
         self._cache.pop("faiss", None)
+
+    def copy(self) -> GalleryIndex:
+        """An independent gallery with the same references and settings (cheap: the tensors are
+        shared, and :meth:`add` / :meth:`remove` replace them rather than write into them)."""
+        twin = copy.copy(self)
+        twin._labels = list(self._labels)
+        twin._label_to_code = dict(self._label_to_code)
+        twin._ids = None if self._ids is None else list(self._ids)
+        twin._cache = {}
+        return twin
 
     # ------------------------------------------------------------------ editing
     def add(
