@@ -262,6 +262,8 @@ def save_bundle(
         }
         if config["neck_dim"] is not None:  # written only with a neck: other bundles keep the 0.1.0 layout
             manifest["model"]["neck_dim"] = config["neck_dim"]
+        if config["small_input_stem"]:  # likewise written only when used
+            manifest["model"]["small_input_stem"] = True
         manifest["config_sha256"] = config_digest(manifest)
         os.chmod(weights_path, FILE_MODE)
         with open(tmp_dir / BUNDLE_FILE, "w", encoding="utf-8") as f:

@@ -26,11 +26,12 @@ from recognite.model.backbones import (
     preprocessing_of,
     read_state_dict,
     resolve_weights,
+    use_small_input_stem,
 )
 from recognite.model.classifier_ops import split_backbone_classifier
 from recognite.preprocessing import Preprocessing
 from recognite.utils.device import resolve_device
-from recognite.utils.validate import check_int
+from recognite.utils.validate import InvalidTypeError, check_int
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class Recognizer(nn.Module):
         clf_bias: bool | None = None,
         num_subcenters: int = 1,
         embedding_dim: int | None = None,
+        small_input_stem: bool = False,
         **model_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -106,8 +108,17 @@ class Recognizer(nn.Module):
         _check_num_classes(num_subcenters, "num_subcenters")
         if clf_bias is not None:
             bias = clf_bias
+        if not isinstance(small_input_stem, bool):
+            raise InvalidTypeError(f"small_input_stem must be True or False, got {small_input_stem!r}")
+        if small_input_stem and weights is not None and not Path(str(weights)).expanduser().is_file():
+            raise _stem_with_weights(model_name, weights)  # before anything is downloaded
         backbone, self.backbone_dim, preprocessing, foreign_state, resolved = _build_backbone(
             model_name, weights, model_kwargs)
+        if small_input_stem:
+            if weights is not None and foreign_state is None:  # pretrained weights, not a recognite checkpoint
+                raise _stem_with_weights(model_name, weights)
+            use_small_input_stem(backbone, model_name)
+        self.small_input_stem = small_input_stem
         self.backbone = backbone
         self.neck: nn.Sequential | None = None
         self.embedding_dim: int = self.backbone_dim
@@ -173,6 +184,7 @@ class Recognizer(nn.Module):
             "preprocessing": self.preprocessing.to_dict(),
             "model_kwargs": dict(self.model_kwargs),
             "neck_dim": self.embedding_dim if self.neck is not None else None,
+            "small_input_stem": self.small_input_stem,
         }
 
     @classmethod
@@ -202,6 +214,7 @@ class Recognizer(nn.Module):
                 normalize=bool(config.get("normalize", True)),
                 num_subcenters=int(config.get("num_subcenters", 1)),
                 embedding_dim=config.get("neck_dim"),
+                small_input_stem=config.get("small_input_stem", False),
                 **kwargs,
             )
         except TypeError as exc:
@@ -292,6 +305,11 @@ class Recognizer(nn.Module):
             if self.classifier.bias is not None:
                 scores = scores + self.classifier.bias.float()
         return scores
+
+
+def _stem_with_weights(model_name: str, weights: Any) -> ValueError:
+    return ValueError(f"small_input_stem replaces the first convolution of {model_name}, so pretrained weights "
+                      f"({weights}) would no longer fit: use it when training from scratch (weights=None)")
 
 
 def _build_backbone(

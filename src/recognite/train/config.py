@@ -14,7 +14,7 @@ import yaml
 
 from recognite._atomic import atomic_write_text
 from recognite.data.transforms import RandomAffineOnBorder, RandomElasticOnBorder
-from recognite.model.backbones import check_model_name
+from recognite.model.backbones import SMALL_INPUT_STEM_FAMILIES, check_model_name
 from recognite.utils.validate import InvalidTypeError, check_int
 
 LOSSES = ("norm_softmax", "cosface", "arcface", "subcenter_arcface")
@@ -49,6 +49,7 @@ class TrainConfig:
     weights: str | None = _doc("Pretrained weights: DEFAULT, a weights name (IMAGENET1K_V1 ...), or a local file. None = from scratch.", default=None)
     image_size: int = _doc("Side of the square network input in pixels.", default=224)
     embedding_dim: int | None = _doc("Add an embedding neck: a projection (linear, no bias, then batch norm) from the backbone's width to this many dimensions (None = no neck: the backbone's pooled features).", default=None)
+    small_input_stem: bool = _doc("ResNet-family backbones only, from scratch: replace the 7x7 stride-2 stem convolution and max-pool by one 3x3 stride-1 convolution, so 28-64 px inputs keep their spatial detail (about 16x the compute of the residual stages). Stored in the bundle.", default=False)
     rrc_scale: tuple[float, float] = _doc("Random-resized-crop area range (fraction of the image).", default=(0.25, 1.0))
     rrc_ratio: tuple[float, float] = _doc("Random-resized-crop aspect-ratio range.", default=(3 / 4, 4 / 3))
     hflip: float = _doc("Probability of a horizontal flip in training (0 for text, logos, characters).", default=0.0)
@@ -126,6 +127,13 @@ class TrainConfig:
         _positive_int("image_size", self.image_size, minimum=8)
         if self.embedding_dim is not None:
             _positive_int("embedding_dim", self.embedding_dim)
+        if self.small_input_stem:
+            if not self.model_name.startswith(SMALL_INPUT_STEM_FAMILIES):
+                raise ValueError(f"--small-input-stem applies to ResNet-family models (resnet*, resnext*, "
+                                 f"wide_resnet*), not --model-name {self.model_name}.")
+            if self.weights is not None:
+                raise ValueError(f"--small-input-stem replaces the first convolution, so pretrained --weights "
+                                 f"{self.weights} would not fit it: train from scratch (no --weights).")
         self.rrc_scale = _pair("rrc_scale", self.rrc_scale, 0.0, 1.0)
         self.rrc_ratio = _pair("rrc_ratio", self.rrc_ratio, 0.0, math.inf)
         if not 0.0 <= self.hflip <= 1.0:

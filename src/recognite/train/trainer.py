@@ -298,7 +298,7 @@ RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "config.yaml", "bundle")
 """What a run writes into its folder; a new run refuses a folder holding any of them."""
 
 FIXED_ON_RESUME = ("data_csv", "image_key", "label_key", "num_folds", "val_fold", "fold_seed", "num_refs", "ref_seed",
-                   "model_name", "weights", "image_size", "embedding_dim", "loss", "num_subcenters", "rotation_classes", "optimizer",
+                   "model_name", "weights", "image_size", "embedding_dim", "small_input_stem", "loss", "num_subcenters", "rotation_classes", "optimizer",
                    "lr", "momentum", "weight_decay", "warmup_epochs", "batch_size", "sampler", "pk_k",
                    "max_steps_per_epoch", "seed", "metric", "checkpoint_metric")
 """Options a checkpoint fixes: data, folds, model, label set, optimizer and learning-rate schedule
@@ -405,7 +405,7 @@ def _setup_fold(config: TrainConfig, info: distributed.DistInfo) -> tuple[_Fold,
 
     torch.manual_seed(config.seed)  # model init (DDP broadcasts rank 0's parameters anyway)
     model = Recognizer(config.model_name, weights=config.weights, num_subcenters=1, embedding_dim=config.embedding_dim,
-                       **input_size_kwargs(config.model_name, config.image_size))
+                       small_input_stem=config.small_input_stem, **input_size_kwargs(config.model_name, config.image_size))
     loss_fn = build_loss(config.loss, **_loss_kwargs(config))
     if config.content_crop:
         model.preprocessing = replace(model.preprocessing, content_crop=True, content_margin=config.content_margin)
