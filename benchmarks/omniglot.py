@@ -58,7 +58,7 @@ def train_background(background: pd.DataFrame, args: argparse.Namespace) -> tupl
     background[["image", "label"]].to_csv(csv_file, index=False)
     config = TrainConfig(
         data_csv=str(csv_file), num_folds=10, val_fold="0", num_refs=1, model_name=args.model_name,
-        image_size=args.image_size, rrc_scale=tuple(args.rrc_scale), rrc_ratio=(0.8, 1.25), epochs=args.epochs,
+        image_size=args.image_size, small_input_stem=args.small_input_stem, rrc_scale=tuple(args.rrc_scale), rrc_ratio=(0.8, 1.25), epochs=args.epochs,
         content_crop=args.content_crop, affine_degrees=args.affine_degrees, affine_translate=args.affine_translate,
         affine_scale=tuple(args.affine_scale), affine_shear=args.affine_shear, rotation_classes=args.rotation_classes,
         elastic_magnitude=args.elastic_magnitude, elastic_grid=args.elastic_grid,
@@ -92,6 +92,8 @@ def _loss_text(args: argparse.Namespace) -> str:
 
 def _augmentation_text(args: argparse.Namespace) -> str:
     parts = ["content crop" if args.content_crop else "no content crop", f"RRC scale {tuple(args.rrc_scale)}"]
+    if args.small_input_stem:
+        parts.append("small-input stem (3x3 stride 1, no max-pool)")
     if args.affine_degrees or args.affine_translate or args.affine_shear or tuple(args.affine_scale) != (1.0, 1.0):
         parts.append(f"affine rot {args.affine_degrees} shift {args.affine_translate} scale {tuple(args.affine_scale)} "
                      f"shear {args.affine_shear}")
@@ -110,6 +112,8 @@ def main() -> None:
     parser.add_argument("--output-dir", default="runs/omniglot")
     parser.add_argument("--model-name", default="resnet18")
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--small-input-stem", action=argparse.BooleanOptionalAction, default=False,
+                        help="3x3 stride-1 stem instead of 7x7/2 + max-pool (ResNet family; e.g. with --image-size 28).")
     parser.add_argument("--rrc-scale", type=float, nargs=2, default=(0.8, 1.0))
     parser.add_argument("--content-crop", action=argparse.BooleanOptionalAction, default=True,
                         help="Cut each image to the square around its strokes (TrainConfig.content_crop).")
