@@ -87,8 +87,10 @@ def check_config_digest(folder: Path, manifest: dict[str, Any]) -> None:
 def config_digest(manifest: dict[str, Any]) -> str:
     """SHA-256 of what in ``bundle.json`` changes predictions besides the threshold (which is
     range-checked instead): the model config, the preprocessing, the image size and the label
-    names, as canonical JSON."""
+    names, and the test-time augmentation when the bundle has one, as canonical JSON."""
     covered = {key: manifest.get(key) for key in ("model", "preprocessing", "image_size", "label_names")}
+    if manifest.get("test_time_augmentation") is not None:  # covered when present: other bundles keep their digest
+        covered["test_time_augmentation"] = manifest["test_time_augmentation"]
     return hashlib.sha256(json.dumps(covered, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()
 
 

@@ -41,6 +41,7 @@ from recognite.model.recognizer import Recognizer, load_bundle_model
 from recognite.preprocessing import MAX_SIDE, Preprocessing
 from recognite.utils.device import resolve_device
 from recognite.utils.validate import check_cosine_threshold, check_int, check_threshold
+from recognite.utils.views import ViewSpec
 
 __all__ = [
     "BUNDLE_FILE",
@@ -74,6 +75,8 @@ class Bundle:
         metadata: Free-form information saved with the bundle (e.g. the training config).
         path: The bundle folder.
         weights_sha256: SHA-256 of ``model.safetensors`` (identifies the model).
+        test_time_augmentation: The views whose mean embedding :meth:`embed` computes
+            (:class:`~recognite.utils.views.ViewSpec`), or ``None`` (the image alone).
     """
 
     model: Recognizer
@@ -84,6 +87,7 @@ class Bundle:
     metadata: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     weights_sha256: str | None = None
+    test_time_augmentation: ViewSpec | None = None
 
     @property
     def transform(self) -> Callable:
@@ -98,16 +102,20 @@ class Bundle:
         return self.model.embedding_dim
 
     def embed(self, paths: Sequence[str | os.PathLike], batch_size: int = 64, num_workers: int = 0,
-              progress: bool = False) -> torch.Tensor:
+              progress: bool = False, tta: bool = True) -> torch.Tensor:
         """Embed image files with this bundle's model and transform.
+
+        Args:
+            paths, batch_size, num_workers, progress: as in :func:`recognite.embedding.embed_images`.
+            tta: Use the bundle's test-time augmentation, if it has one (False = the image alone).
 
         Returns:
             ``(N, D)`` float32 embeddings on the CPU (L2-normalized when the model normalizes).
         """
         from recognite.embedding import embed_images
 
-        return embed_images(self.model, paths, self.transform, batch_size=batch_size,
-                            num_workers=num_workers, progress=progress)
+        return embed_images(self.model, paths, self.transform, batch_size=batch_size, num_workers=num_workers,
+                            progress=progress, views=self.test_time_augmentation if tta else None)
 
 
 # --- saving ---------------------------------------------------------------------------------
@@ -306,6 +314,8 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
     try:
         image_size = check_int(manifest["image_size"], "image_size", 1, MAX_SIDE)
         threshold = check_cosine_threshold(manifest.get("threshold"))
+        views = manifest.get("test_time_augmentation")
+        views = None if views is None else ViewSpec.from_dict(views, "test_time_augmentation")
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
     model.to(resolve_device(device)).eval()
@@ -318,6 +328,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
         metadata=manifest.get("metadata") or {},
         path=folder,
         weights_sha256=digest,
+        test_time_augmentation=views,
     )
 
 
@@ -439,6 +450,24 @@ def write_threshold(bundle_dir: str | os.PathLike, threshold: float | None) -> P
     folder = Path(bundle_dir).expanduser()
     manifest = read_manifest(folder)
     manifest["threshold"] = _check_threshold(threshold)
+    atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return folder
+
+
+def write_test_time_augmentation(bundle_dir: str | os.PathLike, views: ViewSpec | None) -> Path:
+    """Store (or, with ``None``, remove) a bundle's test-time augmentation, atomically.
+
+    It changes every embedding the bundle computes, so it is covered by ``config_sha256``, which
+    is recomputed; calibrate the threshold again afterwards (``recognite calibrate``), on
+    embeddings made the same way.
+    """
+    folder = Path(bundle_dir).expanduser()
+    manifest = read_manifest(folder)
+    if views is None or views.num_views == 1:
+        manifest.pop("test_time_augmentation", None)
+    else:
+        manifest["test_time_augmentation"] = views.to_dict()
+    manifest["config_sha256"] = config_digest(manifest)
     atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return folder
 

@@ -19,12 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
 
 from recognite._atomic import atomic_path
 from recognite.data.folders import IMAGE_EXTENSIONS
 from recognite.data.images import read_image
 from recognite.utils.device import resolve_device
 from recognite.utils.validate import check_int
+from recognite.utils.views import MakeViews, ViewSpec, embeddings_of_views
 
 __all__ = [
     "EmbeddingsFile",
@@ -230,6 +232,7 @@ def embed_images(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    views: ViewSpec | None = None,
 ) -> torch.Tensor:
     """Embed image files.
 
@@ -248,6 +251,9 @@ def embed_images(
             when another device is given); ``'auto'`` = CUDA when available.
         num_workers: DataLoader worker processes (0 = load in this process).
         progress: Show a tqdm progress bar.
+        views: Test-time augmentation: embed the views of every image that this
+            :class:`~recognite.utils.views.ViewSpec` lists and keep their mean (re-normalized when
+            the model normalizes). None = the image alone.
 
     Returns:
         ``(N, D)`` float32 embeddings on the CPU, in the order of ``paths``.
@@ -271,9 +277,17 @@ def embed_images(
     if device is not None:
         model.to(resolve_device(device))
     run_device = _model_device(model)
+    if views is not None and views.num_views > 1:
+        transform = T.Compose([transform, MakeViews(views)])
+    else:
+        views = None
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=run_device.type == "cuda")
     embed = getattr(model, "embed", model)
+    if views is not None:  # the mean of each image's views, re-normalized as the model normalizes
+        normalize = bool(getattr(model, "normalize", True))
+        embed_views = embed
+        embed = lambda batch: embeddings_of_views(embed_views, batch, normalize=normalize)  # noqa: E731
     was_training = model.training
     model.eval()
     chunks = []

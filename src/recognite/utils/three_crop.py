@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recognite.utils.views import collate_views, embeddings_of_views
+
 __all__ = [
     "ThreeCrop",
     "collate_three_crops",
@@ -71,7 +73,8 @@ class ThreeCrop:
 
 
 def collate_three_crops(batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate ``(crops (3, C, S, S), label)`` samples into ``(B, 3, C, S, S)`` and ``(B,)`` labels.
+    """Collate ``(crops (3, C, S, S), label)`` samples into ``(B, 3, C, S, S)`` and ``(B,)`` labels
+    (:func:`recognite.utils.views.collate_views` with three views).
 
     Example:
         >>> batch = [(torch.zeros(3, 1, 2, 2), 4), (torch.ones(3, 1, 2, 2), 7)]
@@ -79,24 +82,14 @@ def collate_three_crops(batch: Sequence[tuple[torch.Tensor, Any]]) -> tuple[torc
         >>> tuple(images.shape), labels.tolist()
         ((2, 3, 1, 2, 2), [4, 7])
     """
-    if len(batch) == 0:
-        raise ValueError("collate_three_crops got an empty batch")
-    images, labels = zip(*((sample[0], sample[1]) for sample in batch))
-    for position, image in enumerate(images):
-        if not isinstance(image, torch.Tensor) or image.dim() != 4 or image.shape[0] != 3:
-            shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
-            raise ValueError(
-                f"collate_three_crops expects (3, C, S, S) crops per sample (use ThreeCrop); "
-                f"sample {position} has {shape}"
-            )
-    label_tensor = torch.stack([torch.as_tensor(label) for label in labels])
-    return torch.stack(images), label_tensor
+    return collate_views(batch, num_views=3, name="collate_three_crops", hint="use ThreeCrop")
 
 
 def embeddings_three_crops(
     model: nn.Module, batch: torch.Tensor, normalize: bool = False
 ) -> torch.Tensor:
-    """Mean embedding of the three crops of every image.
+    """Mean embedding of the three crops of every image
+    (:func:`recognite.utils.views.embeddings_of_views` with three views).
 
     The model runs once on all ``B * 3`` crops; its ``(B * 3, D)`` output is reshaped to
     ``(B, 3, D)`` and averaged over the crops. Usable as ``get_embeddings_fn`` of
@@ -113,18 +106,7 @@ def embeddings_three_crops(
     Returns:
         ``(B, D)`` embeddings (``(B, ...)`` for other output shapes).
     """
-    if not isinstance(batch, torch.Tensor) or batch.dim() != 5 or batch.shape[1] != 3:
-        shape = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch).__name__
-        raise ValueError(f"batch must have shape (B, 3, C, S, S), got {shape}")
-    num_images = batch.shape[0]
-    embeddings = model(batch.reshape(num_images * 3, *batch.shape[2:]))
-    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() < 1 or embeddings.shape[0] != num_images * 3:
-        raise ValueError("model must return a tensor with one row per crop, (N, ...) for (N, C, S, S) images")
-    # Any output shape (N, ...), as in the earlier release: the mean over the three crops of each image.
-    mean = embeddings.reshape(num_images, 3, *embeddings.shape[1:]).mean(dim=1)
-    if not normalize:
-        return mean
-    return F.normalize(mean.reshape(num_images, -1), dim=1).reshape(mean.shape)
+    return embeddings_of_views(model, batch, normalize=normalize, num_views=3)
 
 
 collate_with_three_crops = collate_three_crops
