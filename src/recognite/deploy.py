@@ -52,10 +52,11 @@ def _bundle(bundle: Bundle | str | os.PathLike, device: str | torch.device | Non
     return bundle if isinstance(bundle, Bundle) else load_bundle(bundle, device=device)
 
 
-def _embed(bundle: Bundle, paths: Sequence[str], batch_size: int, num_workers: int, progress: bool) -> torch.Tensor:
+def _embed(bundle: Bundle, paths: Sequence[str], batch_size: int, num_workers: int, progress: bool,
+           tta: bool = True) -> torch.Tensor:
     check_int(batch_size, "batch_size", minimum=1)
     check_int(num_workers, "num_workers", minimum=0)
-    return bundle.embed(paths, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    return bundle.embed(paths, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta)
 
 
 def read_references(csv_file: str | os.PathLike | None = None, folder: str | os.PathLike | None = None,
@@ -93,7 +94,8 @@ def check_gallery_fits(bundle: Bundle, gallery: GalleryIndex, gallery_path: str 
 
 def embed_to_file(bundle: Bundle | str | os.PathLike, inputs: Sequence[str], output: str | os.PathLike,
                   image_key: str = "image", label_key: str = "label", batch_size: int = 64, num_workers: int = 0,
-                  device: str | torch.device | None = "auto", progress: bool = False) -> tuple[int, int, bool]:
+                  device: str | torch.device | None = "auto", progress: bool = False,
+                  tta: bool = True) -> tuple[int, int, bool]:
     """Embed image files, folders or CSVs and write an embeddings file.
 
     Returns:
@@ -102,7 +104,7 @@ def embed_to_file(bundle: Bundle | str | os.PathLike, inputs: Sequence[str], out
     images = list_images(inputs, image_key=image_key, label_key=label_key)
     refuse_overwriting_inputs(output, images.sources)
     bundle = _bundle(bundle, device)
-    embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress)
+    embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress, tta)
     meta = {"bundle": os.path.abspath(bundle.path) if bundle.path else None, "weights_sha256": bundle.weights_sha256}
     save_embeddings(output, embeddings, images.paths, images.labels, metadata=meta)
     return embeddings.shape[0], embeddings.shape[1], images.labels is not None
@@ -111,7 +113,8 @@ def embed_to_file(bundle: Bundle | str | os.PathLike, inputs: Sequence[str], out
 def build_gallery(bundle: Bundle | str | os.PathLike, references: ImageList, output: str | os.PathLike,
                   aggregation: str = "all", backend: str = "torch", nlist: int | None = None,
                   nprobe: int | None = None, batch_size: int = 64, num_workers: int = 0,
-                  device: str | torch.device | None = "auto", progress: bool = False) -> tuple[GalleryIndex, Path]:
+                  device: str | torch.device | None = "auto", progress: bool = False,
+                  tta: bool = True) -> tuple[GalleryIndex, Path]:
     """Embed reference images and write a new gallery file; returns the gallery and where it went."""
     refuse_overwriting_inputs(output, references.sources)
     kwargs: dict[str, Any] = {"nlist": nlist}
@@ -120,14 +123,14 @@ def build_gallery(bundle: Bundle | str | os.PathLike, references: ImageList, out
     gallery = GalleryIndex(aggregation=aggregation, backend=backend, **kwargs)
     bundle = _bundle(bundle, device)
     gallery.model_id = bundle.weights_sha256
-    gallery.add(_embed(bundle, references.paths, batch_size, num_workers, progress), references.labels,
+    gallery.add(_embed(bundle, references.paths, batch_size, num_workers, progress, tta), references.labels,
                 ids=references.paths)
     return gallery, Path(gallery.save(output))
 
 
 def add_to_gallery(bundle: Bundle | str | os.PathLike, gallery_path: str | os.PathLike, references: ImageList,
                    batch_size: int = 64, num_workers: int = 0, device: str | torch.device | None = "auto",
-                   progress: bool = False) -> tuple[GalleryIndex, Path, int]:
+                   progress: bool = False, tta: bool = True) -> tuple[GalleryIndex, Path, int]:
     """Embed more references into an existing gallery file, in place.
 
     Returns:
@@ -147,7 +150,7 @@ def add_to_gallery(bundle: Bundle | str | os.PathLike, gallery_path: str | os.Pa
         before = len(gallery.labels)
         if keep:
             paths = [references.paths[i] for i in keep]
-            gallery.add(_embed(bundle, paths, batch_size, num_workers, progress),
+            gallery.add(_embed(bundle, paths, batch_size, num_workers, progress, tta),
                         [references.labels[i] for i in keep], ids=paths)
         written = Path(gallery.save(gallery_path))
     return gallery, written, len(gallery.labels) - before
@@ -212,7 +215,8 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
                      inputs: Sequence[str], top_k: int = 5, threshold: float | None | str = FROM_BUNDLE,
                      backend: str | None = None, nprobe: int | None = None, image_key: str = "image",
                      label_key: str = "label", batch_size: int = 64, num_workers: int = 0,
-                     device: str | torch.device | None = "auto", progress: bool = False) -> Recognitions:
+                     device: str | torch.device | None = "auto", progress: bool = False,
+                     tta: bool = True) -> Recognitions:
     """Embed query images (files, folders or CSVs) and answer the top-k labels or ``'unknown'``."""
     top_k = check_int(top_k, "top_k", minimum=1)
     images = list_images(inputs, image_key=image_key, label_key=label_key)
@@ -226,7 +230,7 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
     if isinstance(threshold, str) and threshold == FROM_BUNDLE:
         threshold = bundle.threshold
     threshold = check_cosine_threshold(threshold)
-    embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress)
+    embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress, tta)
     result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe)
     return Recognitions(records=_records(images, result), threshold=threshold, top_k=min(top_k, len(gallery.labels)),
                         sources=images.sources)

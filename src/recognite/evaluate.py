@@ -12,7 +12,6 @@ import torch
 
 from recognite.bundle import Bundle, load_bundle, write_threshold
 from recognite.data import load_csv, split_gallery_query
-from recognite.embedding import embed_images
 from recognite.eval import episode_accuracy
 from recognite.eval.summary import summary_metrics
 from recognite.utils.validate import check_cosine_threshold, check_int
@@ -59,13 +58,13 @@ def _episodes(embs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tenso
 
 
 def _embed_split(bundle: Bundle, frames: tuple[pd.DataFrame, pd.DataFrame], image_key: str, label_key: str,
-                 batch_size: int, num_workers: int, progress: bool) -> tuple[list, tuple, tuple]:
+                 batch_size: int, num_workers: int, progress: bool, tta: bool = True) -> tuple[list, tuple, tuple]:
     """Label names, ``(gallery, query)`` integer labels and ``(gallery, query)`` embeddings."""
     names = sorted(set(frames[0][label_key]) | set(frames[1][label_key]))
     to_int = {name: i for i, name in enumerate(names)}
     labels = tuple(torch.tensor([to_int[v] for v in frame[label_key]]) for frame in frames)
-    embs = tuple(embed_images(bundle.model, list(frame[image_key]), bundle.transform, batch_size=batch_size,
-                              num_workers=num_workers, progress=progress) for frame in frames)
+    embs = tuple(bundle.embed(list(frame[image_key]), batch_size=batch_size, num_workers=num_workers,
+                              progress=progress, tta=tta) for frame in frames)
     return names, labels, embs
 
 
@@ -86,6 +85,7 @@ def evaluate_bundle(
     num_workers: int = 0,
     device: str | torch.device | None = "auto",
     progress: bool = False,
+    tta: bool = True,
 ) -> dict[str, Any]:
     """Embed the gallery and query images with a bundle and compute every recognition metric.
 
@@ -111,6 +111,7 @@ def evaluate_bundle(
         num_workers: Data-loading worker processes.
         device: ``'auto'``, ``'cpu'``, ``'cuda'``... (used when ``bundle`` is a folder).
         progress: Show progress bars while embedding.
+        tta: Use the bundle's test-time augmentation, if it has one (False: each image alone).
 
     Returns:
         Dict: ``num_gallery``, ``num_queries``, ``num_labels``, ``top1``, ``top5``/``top10`` and
@@ -131,7 +132,7 @@ def evaluate_bundle(
     threshold = check_cosine_threshold(threshold)
     df_gallery, df_query = _split(data_csv, gallery_csv, num_refs, ref_seed, image_key, label_key)
     names, labels, embs = _embed_split(bundle, (df_gallery, df_query), image_key, label_key, batch_size,
-                                       num_workers, progress)
+                                       num_workers, progress, tta)
     ks = tuple(k for k in (1, 5, 10) if k <= len(set(labels[0].tolist()))) or (1,)
     summary = summary_metrics(embs[1], labels[1], embs[0], labels[0], metric="cosine", ks=ks, threshold=threshold,
                               calibrate=False)
@@ -155,6 +156,7 @@ def calibrate_bundle(
     num_workers: int = 0,
     device: str | torch.device | None = "auto",
     progress: bool = False,
+    tta: bool = True,
 ) -> float | None:
     """Choose a bundle's open-set threshold on labelled images and write it into the bundle.
 
@@ -171,7 +173,7 @@ def calibrate_bundle(
     bundle = load_bundle(bundle_dir, device=device)
     df_gallery, df_query = _split(data_csv, None, num_refs, ref_seed, image_key, label_key)
     names, labels, embs = _embed_split(bundle, (df_gallery, df_query), image_key, label_key, batch_size,
-                                       num_workers, progress)
+                                       num_workers, progress, tta)
     summary = summary_metrics(embs[1], labels[1], embs[0], labels[0], metric="cosine", ks=(1,),
                               threshold_method=threshold_method, target_far=target_far)
     threshold = summary.threshold

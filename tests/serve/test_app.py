@@ -11,13 +11,13 @@ import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-from recognite.bundle import load_bundle  # noqa: E402
-from recognite.gallery import GalleryIndex  # noqa: E402
-from recognite.serve import ServeSettings, create_app  # noqa: E402
+from recognite.bundle import load_bundle
+from recognite.gallery import GalleryIndex
+from recognite.serve import ServeSettings, create_app
 
-from .conftest import API_KEY, huge_png_header, noise, png_bytes, red, stripes  # noqa: E402
+from .conftest import API_KEY, huge_png_header, noise, png_bytes, red, stripes
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

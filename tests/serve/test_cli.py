@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from recognite.cli.main import main  # noqa: E402
-from recognite.serve.settings import ServeSettings, is_loopback, read_api_key  # noqa: E402
+from recognite.cli.main import main
+from recognite.serve.settings import ServeSettings, is_loopback, read_api_key
 
-from .conftest import API_KEY  # noqa: E402
+from .conftest import API_KEY
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from recognite.gallery import GalleryIndex  # noqa: E402
+from recognite.gallery import GalleryIndex
 
-from ._server import request, start_server  # noqa: E402
-from .conftest import API_KEY, noise, png_bytes, red, stripes  # noqa: E402
+from ._server import request, start_server
+from .conftest import API_KEY, noise, png_bytes, red, stripes
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,12 @@ from PIL import Image
 
 from recognite.bundle import load_bundle, save_bundle, write_test_time_augmentation
 from recognite.model import Recognizer
-from recognite.utils.views import ViewSpec, collate_views, embeddings_of_views, make_views
+from recognite.utils.views import (
+    ViewSpec,
+    collate_views,
+    embeddings_of_views,
+    make_views,
+)
 
 
 def test_each_view_by_hand():

@@ -58,6 +58,8 @@ def add_loading(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, default=0, help="Data-loading worker processes (default: 0).")
     p.add_argument("--device", default="auto", help="Device: auto (CUDA when available), cpu or cuda (default: auto).")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="Show progress bars.")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="Use the bundle's test-time augmentation, if it has one (--no-tta: each image alone).")
 
 
 def add_csv_keys(p: argparse.ArgumentParser) -> None:

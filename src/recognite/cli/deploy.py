@@ -27,7 +27,7 @@ def _loading(args: argparse.Namespace) -> dict[str, Any]:
     if args.num_workers < 0:
         raise ValueError(f"--num-workers must be >= 0, got {args.num_workers}.")
     return {"batch_size": args.batch_size, "num_workers": args.num_workers, "device": args.device,
-            "progress": args.progress}
+            "progress": args.progress, "tta": args.tta}
 
 
 # --- bundle -----------------------------------------------------------------------------------

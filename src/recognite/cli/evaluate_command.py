@@ -28,7 +28,7 @@ def evaluate_bundle_on_csv(args: argparse.Namespace) -> dict[str, Any]:
         args.bundle, args.data_csv, gallery_csv=args.gallery_csv, num_refs=args.num_refs, ref_seed=args.ref_seed,
         threshold="bundle" if args.threshold is None else args.threshold, episodes=args.episodes,
         n_way=args.n_way, k_shot=args.k_shot, group_key=args.group_key, image_key=args.image_key,
-        label_key=args.label_key, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        label_key=args.label_key, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, tta=args.tta,
         progress=args.progress,
     )
 
@@ -79,7 +79,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     threshold = calibrate_bundle(
         args.bundle, args.data_csv, num_refs=args.num_refs, ref_seed=args.ref_seed, threshold_method=method,
         target_far=0.05 if args.target_far is None else args.target_far, image_key=args.image_key,
-        label_key=args.label_key, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device,
+        label_key=args.label_key, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, tta=args.tta,
         progress=args.progress,
     )
     print("threshold  " + ("none" if threshold is None else f"{threshold:.6f}"))

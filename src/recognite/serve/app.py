@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from importlib import resources
-from typing import Any, List, Optional
+from typing import Annotated, Any
 
 try:
     from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
@@ -106,7 +106,7 @@ def _page() -> str:
 def create_app(
     bundle: Any,
     gallery: Any,
-    settings: Optional[ServeSettings] = None,
+    settings: ServeSettings | None = None,
     *,
     device: Any = "auto",
 ) -> FastAPI:
@@ -189,7 +189,7 @@ def create_app(
         if not hmac.compare_digest(given, hashlib.sha256(settings.api_key.encode("utf-8")).digest()):
             raise ServiceError(403, "the API key is wrong")
 
-    async def read_images(images: List[UploadFile]) -> tuple[list[str], list[str], torch.Tensor]:
+    async def read_images(images: list[UploadFile]) -> tuple[list[str], list[str], torch.Tensor]:
         if len(images) > settings.max_images:
             raise ServiceError(413, f"{len(images)} images in one request; the limit is {settings.max_images}")
         names, ids, datas = [], [], []
@@ -212,10 +212,11 @@ def create_app(
     @app.post("/v1/recognize", summary="Recognise images against the gallery")
     async def recognize(
         request: Request,
-        images: List[UploadFile] = File(..., description="one or more images (JPEG, PNG, GIF, WebP, BMP, TIFF)"),
-        top_k: Optional[int] = Form(None, description=f"labels listed per image (1-{MAX_TOP_K}; default from the "
-                                                      "service settings)"),
-        threshold: Optional[float] = Form(None, description="open-set threshold in [-1, 1] (default: the bundle's)"),
+        images: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, GIF, WebP, BMP, TIFF)")],
+        top_k: Annotated[int | None, Form(description=f"labels listed per image (1-{MAX_TOP_K}; default from the "
+                                                      "service settings)")] = None,
+        threshold: Annotated[float | None, Form(description="open-set threshold in [-1, 1] (default: the "
+                                                            "bundle's)")] = None,
     ) -> dict[str, Any]:
         """Per image: the top-k labels with their cosine scores, and the decision (a label or
         ``unknown`` when the best score is below the threshold)."""
@@ -248,7 +249,7 @@ def create_app(
     async def enrol(
         request: Request,
         label: str,
-        images: List[UploadFile] = File(..., description="reference images of the label"),
+        images: Annotated[list[UploadFile], File(description="reference images of the label")],
     ) -> dict[str, Any]:
         """Embed the images and add them to the gallery under ``label`` (URL-encoded). Answers
         only once the gallery file holding them is on disk. The same image sent again under the

@@ -77,7 +77,8 @@ class BatchEmbedder:
         return torch.stack(await asyncio.gather(*futures))
 
     async def _next_batch(self) -> list[tuple[torch.Tensor, asyncio.Future]]:
-        assert self._queue is not None  # noqa: S101 - internal invariant, set by start()
+        if self._queue is None:
+            raise RuntimeError("BatchEmbedder.start() was not called")
         batch = [await self._queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
@@ -107,7 +108,7 @@ class BatchEmbedder:
             try:
                 embeddings = await loop.run_in_executor(self._executor, self._forward,
                                                         torch.stack([image for image, _ in batch]))
-            except Exception as exc:  # noqa: BLE001 - handed to every waiting request
+            except Exception as exc:  # handed to every waiting request
                 logger.exception("The forward pass of a batch of %d images failed.", len(batch))
                 for _, future in batch:
                     if not future.done():

@@ -6,7 +6,7 @@ import bisect
 import threading
 from collections.abc import Sequence
 
-__all__ = ["LATENCY_BUCKETS", "BATCH_BUCKETS", "Histogram", "ServiceMetrics"]
+__all__ = ["BATCH_BUCKETS", "LATENCY_BUCKETS", "Histogram", "ServiceMetrics"]
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Upper bounds (seconds) of the request latency histogram."""
