@@ -25,11 +25,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader
+from torchvision import transforms as T
 
 from recognite.bundle import load_bundle
-from recognite.data import DataFrameDataset, split_gallery_query
+from recognite.data import DataFrameDataset, k_fold_trainval_split, split_gallery_query
 from recognite.eval import embed_loader, episode_accuracy, evaluate_embeddings
 from recognite.train import TrainConfig, train
+from recognite.utils.views import MakeViews, ViewSpec, embeddings_of_views
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "omniglot"
 PUBLISHED = [
@@ -77,9 +79,12 @@ def embed(bundle_dir: Path, df: pd.DataFrame, args: argparse.Namespace) -> tuple
     bundle = load_bundle(bundle_dir, device=args.device)
     label_to_int = {label: i for i, label in enumerate(sorted(df["label"].unique()))}
     alphabet_to_int = {a: i for i, a in enumerate(sorted(df["alphabet"].unique()))}
-    dataset = DataFrameDataset(df, "label", "image", label_to_int, bundle.transform)
-    loader = DataLoader(dataset, batch_size=256, num_workers=args.num_workers)
-    embeddings, labels = embed_loader(bundle.model, loader, device=args.device)
+    views = ViewSpec(shift=args.tta_shift, scales=tuple(args.tta_scales), hflip=False)
+    transform = bundle.transform if views.num_views == 1 else T.Compose([bundle.transform, MakeViews(views)])
+    dataset = DataFrameDataset(df, "label", "image", label_to_int, transform)
+    loader = DataLoader(dataset, batch_size=256 // views.num_views or 1, num_workers=args.num_workers)
+    fn = None if views.num_views == 1 else (lambda model, batch: embeddings_of_views(model, batch))
+    embeddings, labels = embed_loader(bundle.model, loader, device=args.device, get_embeddings_fn=fn)
     groups = torch.tensor([alphabet_to_int[a] for a in df["alphabet"]])
     return embeddings, labels, groups
 
@@ -136,6 +141,13 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1,
                         help="Data-loading processes (1 was fastest on the 2-core CPU).")
     parser.add_argument("--episodes", type=int, default=1000)
+    parser.add_argument("--tta-shift", type=float, default=0.0,
+                        help="Test-time views shifted by this fraction of the side (4 more views; 0 = none).")
+    parser.add_argument("--tta-scales", type=float, nargs="*", default=[],
+                        help="Test-time views rescaled by these factors (one view each).")
+    parser.add_argument("--held-out", action="store_true",
+                        help="Report on the held-out background characters (fold 0) instead of the evaluation "
+                             "alphabets: for choosing settings without looking at the evaluation alphabets.")
     parser.add_argument("--alphabets", type=int, default=0, help="Use only the first N alphabets of each side (smoke tests).")
     parser.add_argument("--bundle", type=Path, default=None, help="Evaluate this model bundle instead of training.")
     parser.add_argument("--device", default=None)
@@ -147,6 +159,9 @@ def main() -> None:
         raise SystemExit(f"Omniglot not found: {args.root / 'omniglot.csv'} does not exist.")
 
     background, evaluation = load_omniglot(args.root, args.alphabets or None)
+    if args.held_out:  # the background characters training held out (fold 0 of 10, TrainConfig's fold seed)
+        _, evaluation = k_fold_trainval_split(background[["image", "label", "alphabet"]], num_folds=10, val_fold=0,
+                                              seed=TrainConfig.__dataclass_fields__["fold_seed"].default)
     if args.bundle is None:
         bundle_dir, train_seconds = train_background(background, args)
     else:
@@ -174,7 +189,9 @@ def main() -> None:
     full = evaluate_embeddings(embeddings[q], labels[q], embeddings[g], labels[g], metric="cosine", ks=(1, 5))
     num_chars = int(labels.unique().numel())
 
-    print(f"\nOmniglot evaluation alphabets: {num_chars} characters, {len(evaluation)} images; "
+    where = "held-out background characters" if args.held_out else "evaluation alphabets"
+    views = f", test-time views: shift {args.tta_shift}, scales {args.tta_scales}" if args.tta_shift or args.tta_scales else ""
+    print(f"\nOmniglot {where}{views}: {num_chars} characters, {len(evaluation)} images; "
           f"{args.model_name} {args.image_size}px, {_loss_text(args)}, {args.epochs} epochs, {_augmentation_text(args)}; "
           f"training wall time {train_seconds / 60:.1f} min")
     print("| task | accuracy % (mean ± 95% CI) |")

@@ -102,3 +102,32 @@ def test_calibrate_writes_the_threshold_the_library_computes(neck_run, tmp_path,
                  "--no-progress", "--device", "cpu"]) == 0
     manifest = json.loads((folder / "bundle.json").read_text())
     assert manifest["threshold"] != pytest.approx(written, abs=1e-9)
+
+
+def test_calibrate_can_set_test_time_views_and_calibrates_with_them(neck_run, tmp_path, capsys):
+    import shutil
+
+    from recognite.utils.views import ViewSpec
+
+    root, csv_file = neck_run
+    folder = tmp_path / "bundle"
+    shutil.copytree(root / "run" / "bundle", folder)
+    assert main(["calibrate", "--bundle", str(folder), "--data-csv", str(csv_file), "--num-refs", "2",
+                 "--views-shift", "0.1", "--views-scales", "0.9", "--no-progress", "--device", "cpu"]) == 0
+    bundle = load_bundle(folder, device="cpu")
+    assert bundle.test_time_augmentation == ViewSpec(shift=0.1, scales=(0.9,))
+    assert "6 per image" in capsys.readouterr().out
+    df_gallery, df_query = split_gallery_query(load_csv(csv_file), num_refs=2, seed=0)
+    names = {n: i for i, n in enumerate(sorted(set(df_gallery["label"]) | set(df_query["label"])))}
+    with_views = summary_metrics(
+        bundle.embed(list(df_query["image"])), torch.tensor([names[v] for v in df_query["label"]]),
+        bundle.embed(list(df_gallery["image"])), torch.tensor([names[v] for v in df_gallery["label"]]),
+    ).threshold
+    assert bundle.threshold == pytest.approx(with_views, abs=1e-7)  # calibrated on the views' embeddings
+    # --no-tta embeds each image alone; unset view options keep the bundle's; --views-shift 0 --views-scales removes
+    assert main(["calibrate", "--bundle", str(folder), "--data-csv", str(csv_file), "--views-hflip",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert load_bundle(folder, device="cpu").test_time_augmentation == ViewSpec(shift=0.1, scales=(0.9,), hflip=True)
+    assert main(["calibrate", "--bundle", str(folder), "--data-csv", str(csv_file), "--views-shift", "0",
+                 "--views-scales", "--no-views-hflip", "--no-progress", "--device", "cpu"]) == 0
+    assert load_bundle(folder, device="cpu").test_time_augmentation is None

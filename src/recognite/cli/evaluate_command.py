@@ -76,6 +76,19 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.num_refs < 1:
         raise ValueError(f"--num-refs must be >= 1, got {args.num_refs}.")
     method = args.threshold_method or ("far" if args.target_far is not None else "f1")
+    if args.views_shift is not None or args.views_scales is not None or args.views_hflip is not None:
+        from recognite.bundle import load_bundle, write_test_time_augmentation
+        from recognite.utils.views import ViewSpec
+
+        current = load_bundle(args.bundle, device="cpu", verify=False).test_time_augmentation or ViewSpec()
+        views = ViewSpec(
+            shift=current.shift if args.views_shift is None else args.views_shift,
+            scales=current.scales if args.views_scales is None else tuple(args.views_scales),
+            hflip=current.hflip if args.views_hflip is None else args.views_hflip,
+        )
+        write_test_time_augmentation(args.bundle, views)
+        print(f"test-time views  {views.num_views} per image (shift {views.shift}, scales {list(views.scales)}, "
+              f"hflip {views.hflip})")
     threshold = calibrate_bundle(
         args.bundle, args.data_csv, num_refs=args.num_refs, ref_seed=args.ref_seed, threshold_method=method,
         target_far=0.05 if args.target_far is None else args.target_far, image_key=args.image_key,
@@ -101,6 +114,14 @@ def _register_calibrate(sub: argparse._SubParsersAction) -> None:
                    help="f1 or far (default: f1, or far when --target-far is given).")
     p.add_argument("--target-far", type=float, default=None, help="Target false-accept rate of --threshold-method far "
                    "(default: 0.05).")
+    views = p.add_argument_group("test-time augmentation", "Set the bundle's test-time views first (the threshold is "
+                                 "then calibrated on embeddings made the same way); unset options keep the bundle's.")
+    views.add_argument("--views-shift", type=float, default=None,
+                       help="Four views shifted by this fraction of the side (0 = none).")
+    views.add_argument("--views-scales", type=float, nargs="*", default=None,
+                       help="Views rescaled about the centre by these factors (none given = no rescaled views).")
+    views.add_argument("--views-hflip", action=argparse.BooleanOptionalAction, default=None,
+                       help="Also the mirror image of every view (only for models trained with flips).")
     add_csv_keys(p)
     add_loading(p)
     p.set_defaults(handler=_run_calibrate)
