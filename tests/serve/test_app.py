@@ -185,3 +185,13 @@ def test_health_page_openapi_and_metrics(client):
     assert 'recognite_batch_size_bucket{le="+Inf"} 1' in lines  # both images of the request in one pass
     count = [line for line in lines if line.startswith('recognite_request_duration_seconds_count{method="GET",route="/healthz"}')]
     assert count == ['recognite_request_duration_seconds_count{method="GET",route="/healthz"} 1']
+
+
+def test_an_unexpected_failure_is_a_json_500(bundle_dir, tmp_path, monkeypatch):
+    app = create_app(bundle_dir, tmp_path / "g.safetensors", ServeSettings(api_key=API_KEY), device="cpu")
+    monkeypatch.setattr(app.state.store, "enrol", lambda *args: (_ for _ in ()).throw(RuntimeError("disk on fire")))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        response = test_client.post("/v1/gallery/red", files=files(("a.png", png_bytes(red()))), headers=AUTH)
+        assert response.status_code == 500 and "RuntimeError" in response.json()["error"]["message"]
+        assert "disk on fire" not in response.text  # details go to the log, not to the client
+        assert 'route="/v1/gallery/{label:path}",status="500"' in test_client.get("/metrics").text

@@ -162,6 +162,12 @@ def create_app(
         message = "; ".join(problems) or "invalid request"
         return JSONResponse(_error_body(400, message), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(_error_body(500, f"internal error ({type(exc).__name__}); see the server log"),
+                            status_code=500)
+
     @app.middleware("http")
     async def observe(request: Request, call_next: Any) -> Any:
         start = time.perf_counter()
