@@ -216,8 +216,9 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
                      backend: str | None = None, nprobe: int | None = None, image_key: str = "image",
                      label_key: str = "label", batch_size: int = 64, num_workers: int = 0,
                      device: str | torch.device | None = "auto", progress: bool = False,
-                     tta: bool = True) -> Recognitions:
-    """Embed query images (files, folders or CSVs) and answer the top-k labels or ``'unknown'``."""
+                     tta: bool = True, query_expansion: int = 0) -> Recognitions:
+    """Embed query images (files, folders or CSVs) and answer the top-k labels or ``'unknown'``
+    (``query_expansion``: as in :meth:`GalleryIndex.recognize`, 0 = off)."""
     top_k = check_int(top_k, "top_k", minimum=1)
     images = list_images(inputs, image_key=image_key, label_key=label_key)
     if not isinstance(gallery, GalleryIndex):
@@ -231,7 +232,7 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
         threshold = bundle.threshold
     threshold = check_cosine_threshold(threshold)
     embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress, tta)
-    result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe)
+    result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe, query_expansion=query_expansion)
     return Recognitions(records=_records(images, result), threshold=threshold, top_k=min(top_k, len(gallery.labels)),
                         sources=images.sources)
 

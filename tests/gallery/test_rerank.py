@@ -46,3 +46,21 @@ def test_hand_computed_example():
     torch.testing.assert_close(database_augmentation(gallery, k=1, alpha=3.0), gallery)
     with pytest.raises(ValueError, match="k"):
         query_expansion(query, gallery, k=0)
+
+
+def test_recognize_with_query_expansion_equals_searching_the_expanded_queries():
+    from recognite.gallery import GalleryIndex
+
+    gen = torch.Generator().manual_seed(3)
+    refs = torch.randn(12, 6, generator=gen)
+    labels = [f"l{i % 5}" for i in range(12)]
+    queries = torch.randn(4, 6, generator=gen)
+    for aggregation in ("all", "mean"):
+        gallery = GalleryIndex(aggregation=aggregation)
+        gallery.add(refs, labels)
+        rows = gallery._searchable()[0]
+        got = gallery.recognize(queries, k=3, threshold=0.2, query_expansion=2)
+        want = gallery.recognize(query_expansion(queries, rows, k=2), k=3, threshold=0.2)
+        assert got.labels == want.labels and got.predictions == want.predictions
+        torch.testing.assert_close(got.scores, want.scores)
+        assert gallery.recognize(queries, k=3, query_expansion=0).labels == gallery.recognize(queries, k=3).labels

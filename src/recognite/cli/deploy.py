@@ -256,7 +256,7 @@ def _run_recognize(args: argparse.Namespace) -> int:
     threshold = FROM_BUNDLE if args.threshold is _FROM_BUNDLE else args.threshold
     answers = recognize_images(args.bundle, args.gallery, _inputs(args), top_k=args.top_k, threshold=threshold,
                                backend=args.backend, nprobe=args.nprobe, image_key=args.image_key,
-                               label_key=args.label_key, **_loading(args))
+                               label_key=args.label_key, query_expansion=args.query_expansion, **_loading(args))
     if answers.threshold is None:
         logger.info("No threshold (%s): every query gets its best label, never 'unknown'.",
                     "--threshold none" if args.threshold is None else "none in the bundle; set one with --threshold")
@@ -288,6 +288,8 @@ def _register_recognize(sub: argparse._SubParsersAction) -> None:
                    help="Cosine-similarity threshold below which the answer is 'unknown'; 'none' never answers "
                    "unknown (default: the threshold calibrated in training, stored in the bundle).")
     p.add_argument("--output", default=None, help="Write results to a .csv or .json file instead of the terminal table.")
+    p.add_argument("--query-expansion", type=int, default=0, metavar="K",
+                   help="Re-rank by alpha query expansion with K gallery neighbours (default: 0, off).")
     add_backend(p, None, nlist=False)
     add_csv_keys(p)
     add_loading(p)

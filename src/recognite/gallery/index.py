@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recognite.gallery import _faiss, _io
+from recognite.gallery import _faiss, _io, rerank
 from recognite.gallery._search import exact_topk, label_topk
 from recognite.gallery.open_set import UNKNOWN, RecognitionResult, open_set_predictions
 from recognite.utils.validate import check_int
@@ -537,6 +537,8 @@ class GalleryIndex:
         chunk_size: int | None = None,
         *,
         nprobe: int | None = None,
+        query_expansion: int = 0,
+        qe_alpha: float = 3.0,
     ) -> RecognitionResult:
         """Open-set recognition: top-k labels per query and a prediction that is the best label,
         or :data:`UNKNOWN` (``'unknown'``) when its score is below ``threshold``.
@@ -548,10 +550,20 @@ class GalleryIndex:
                 ``recognite.eval.threshold_at_far`` on validation queries; scores equal to it are
                 accepted; None (or ``-inf``) never answers unknown.
             chunk_size, nprobe: as in :meth:`search`.
+            query_expansion: re-rank by alpha query expansion with this many neighbours
+                (:func:`recognite.gallery.rerank.query_expansion` against the searched rows:
+                references, or prototypes with ``'mean'``); 0 = off (the default: on one-shot
+                galleries it never changes the top-1 label, see ``benchmarks/RESULTS.md``).
+            qe_alpha: the weight exponent of query expansion.
 
         Returns:
             A :class:`RecognitionResult`; ``result[i]`` / ``result.to_records()`` give dicts.
         """
+        check_int(query_expansion, "query_expansion", minimum=0)
+        if query_expansion and len(self):
+            queries = _as_embeddings(query_embeddings, "query_embeddings", self._dim, allow_vector=True)
+            query_embeddings = rerank.query_expansion(queries, self._searchable()[0], k=query_expansion,
+                                                      alpha=qe_alpha)
         result = self.search(query_embeddings, k=k, chunk_size=chunk_size, nprobe=nprobe)
         top1 = [row[0] if row else "" for row in result.labels]
         predictions = open_set_predictions(top1, result.scores[:, 0], threshold)
