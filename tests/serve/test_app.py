@@ -195,3 +195,35 @@ def test_an_unexpected_failure_is_a_json_500(bundle_dir, tmp_path, monkeypatch):
         assert response.status_code == 500 and "RuntimeError" in response.json()["error"]["message"]
         assert "disk on fire" not in response.text  # details go to the log, not to the client
         assert 'route="/v1/gallery/{label:path}",status="500"' in test_client.get("/metrics").text
+
+
+def test_a_bundle_with_test_time_views_is_served_with_them(bundle_dir, tmp_path):
+    import shutil
+
+    from recognite.bundle import write_test_time_augmentation
+    from recognite.utils.views import ViewSpec
+
+    folder = tmp_path / "views_bundle"
+    shutil.copytree(bundle_dir, folder)
+    write_test_time_augmentation(folder, ViewSpec(shift=0.1, scales=(0.9,)))
+    app = create_app(folder, tmp_path / "g.safetensors", ServeSettings(api_key=API_KEY), device="cpu")
+    with TestClient(app) as test_client:
+        test_client.post("/v1/gallery/red", files=files(("r.png", png_bytes(red()))), headers=AUTH)
+        test_client.post("/v1/gallery/stripes", files=files(("s.png", png_bytes(stripes()))), headers=AUTH)
+        body = test_client.post("/v1/recognize", files=files(("n.png", png_bytes(noise()))), data={"top_k": "2"}).json()
+    bundle = load_bundle(folder)
+    paths = []
+    for name, array in (("r", red()), ("s", stripes()), ("n", noise())):
+        Image.fromarray(array).save(tmp_path / f"{name}.png")
+        paths.append(str(tmp_path / f"{name}.png"))
+    embeddings = bundle.embed(paths)  # the library's path, views included
+    gallery = GalleryIndex()
+    gallery.add(embeddings[:2], ["red", "stripes"])
+    expected = gallery.recognize(embeddings[2:], k=2)
+    got = body["results"][0]["top_k"]
+    assert [entry["label"] for entry in got] == expected.labels[0]
+    assert [entry["score"] for entry in got] == pytest.approx(expected.scores[0].tolist(), abs=1e-5)
+    plain = bundle.embed(paths, tta=False)
+    plain_gallery = GalleryIndex()
+    plain_gallery.add(plain[:2], ["red", "stripes"])
+    assert float(plain_gallery.recognize(plain[2:], k=1).scores[0, 0]) != pytest.approx(float(expected.scores[0, 0]), abs=1e-5)

@@ -36,6 +36,7 @@ from recognite.serve.store import GalleryStore, image_id
 from recognite.serve.uploads import UploadError, decode_upload
 from recognite.utils.device import resolve_device
 from recognite.utils.validate import check_cosine_threshold
+from recognite.utils.views import make_views
 
 __all__ = ["MAX_LABEL_LENGTH", "MAX_TOP_K", "create_app"]
 
@@ -134,6 +135,17 @@ def create_app(
     batcher = BatchEmbedder(model.embed, model_device, settings.max_batch_size, settings.max_wait_ms,
                             on_batch=metrics.observe_batch)
     transform = bundle.transform
+    views = bundle.test_time_augmentation  # the bundle's test-time views, as every other embedding path uses
+    normalize = bool(getattr(model, "normalize", True))
+
+    async def embed(images: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, S, S)`` -> ``(N, D)``: through the batcher; with views, their mean per image."""
+        if views is None or views.num_views == 1:
+            return await batcher.embed(images)
+        stacked = torch.stack([make_views(image, views) for image in images])  # (N, K, 3, S, S)
+        flat = await batcher.embed(stacked.flatten(0, 1))
+        mean = flat.reshape(stacked.shape[0], stacked.shape[1], -1).mean(dim=1)
+        return torch.nn.functional.normalize(mean, dim=1) if normalize else mean
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -236,7 +248,7 @@ def create_app(
         except ValueError as exc:
             raise ServiceError(400, str(exc)) from exc
         names, _, tensors = await read_images(images)
-        embeddings = await batcher.embed(tensors)
+        embeddings = await embed(tensors)
         gallery_now = store.gallery
         results = []
         if len(gallery_now) == 0:
@@ -263,7 +275,7 @@ def create_app(
         require_key(request, "enrolment")
         label = _check_label(label)
         _, ids, tensors = await read_images(images)
-        embeddings = await batcher.embed(tensors)
+        embeddings = await embed(tensors)
         try:
             outcome = await run_in_threadpool(store.enrol, label, embeddings, ids)
         except OSError as exc:
