@@ -148,3 +148,18 @@ def test_one_device_resolver_accepts_auto_everywhere():
     assert resolve_device("auto").type == resolve_device(None).type == expected
     with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize("dim", [3, 64, 300])
+def test_a_query_scores_the_same_bits_in_any_chunk(dim):
+    """Short chunks are zero-padded to 64 rows and longer ones run as one product: either way a
+    query's scores equal its row of the full product bit for bit."""
+    from recognite.eval.scores import _GalleryScorer
+
+    gen = torch.Generator().manual_seed(dim)
+    queries, gallery = torch.randn(300, dim, generator=gen), torch.randn(2001, dim, generator=gen)
+    for metric in ("inner", "cosine"):
+        scorer = _GalleryScorer(gallery, metric)
+        full = scorer(queries)
+        for start, size in ((7, 1), (0, 5), (10, 63), (3, 64), (100, 130)):
+            assert torch.equal(scorer(queries[start:start + size]), full[start:start + size]), (metric, size)

@@ -50,7 +50,7 @@ SCORE_BLOCK_ROWS = 64
 products of a few rows, so shorter chunks are zero-padded to this many rows; from this size on
 every row of a product has the same bits as in the full product (checked on this CPU for
 ``D`` 3-1000 and ``G`` 50-20001), so a query's scores do not depend on the chunk it is scored in.
-Longer chunks run as one product: splitting them costs up to 2x (measured, Q=4000, G=20000)."""
+Longer chunks run as one product (splitting them into blocks was slower)."""
 
 
 def _blocked_matmul(rows: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
