@@ -41,7 +41,7 @@ from recognite.model.recognizer import Recognizer, load_bundle_model
 from recognite.preprocessing import MAX_SIDE, Preprocessing
 from recognite.utils.device import resolve_device
 from recognite.utils.validate import check_cosine_threshold, check_int, check_threshold
-from recognite.utils.views import ViewSpec
+from recognite.utils.views import EnrolmentAugmentation, ViewSpec
 
 __all__ = [
     "BUNDLE_FILE",
@@ -77,6 +77,9 @@ class Bundle:
         weights_sha256: SHA-256 of ``model.safetensors`` (identifies the model).
         test_time_augmentation: The views whose mean embedding :meth:`embed` computes
             (:class:`~recognite.utils.views.ViewSpec`), or ``None`` (the image alone).
+        enrolment_augmentation: How :meth:`embed_references` enrols each reference image
+            (:class:`~recognite.utils.views.EnrolmentAugmentation`: its views, scored by the best
+            one or their mean), or ``None`` (as a query).
     """
 
     model: Recognizer
@@ -88,6 +91,7 @@ class Bundle:
     path: Path | None = None
     weights_sha256: str | None = None
     test_time_augmentation: ViewSpec | None = None
+    enrolment_augmentation: EnrolmentAugmentation | None = None
 
     @property
     def transform(self) -> Callable:
@@ -116,6 +120,27 @@ class Bundle:
 
         return embed_images(self.model, paths, self.transform, batch_size=batch_size, num_workers=num_workers,
                             progress=progress, views=self.test_time_augmentation if tta else None)
+
+    def embed_references(self, paths: Sequence[str | os.PathLike], batch_size: int = 64, num_workers: int = 0,
+                         progress: bool = False, tta: bool = True, enrol: bool = True) -> torch.Tensor:
+        """Embed reference (gallery) images as they are enrolled.
+
+        With the bundle's enrolment augmentation (and ``enrol``), each image gives ``K`` rows (its
+        views, scoring ``'max'``) or one, the mean of its views (``'mean'``); otherwise one row,
+        as :meth:`embed` (with ``tta``).
+
+        Returns:
+            ``(N, K, D)`` float32 embeddings on the CPU; ``K = 1`` unless scoring is ``'max'``.
+        """
+        from recognite.embedding import embed_images
+
+        augmentation = self.enrolment_augmentation if enrol else None
+        if augmentation is None:
+            return self.embed(paths, batch_size, num_workers, progress, tta).unsqueeze(1)
+        keep = augmentation.scoring == "max"
+        out = embed_images(self.model, paths, self.transform, batch_size=batch_size, num_workers=num_workers,
+                           progress=progress, views=augmentation.views, keep_views=keep)
+        return out if keep else out.unsqueeze(1)
 
 
 # --- saving ---------------------------------------------------------------------------------
@@ -316,6 +341,8 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
         threshold = check_cosine_threshold(manifest.get("threshold"))
         views = manifest.get("test_time_augmentation")
         views = None if views is None else ViewSpec.from_dict(views, "test_time_augmentation")
+        enrolment = manifest.get("enrolment_augmentation")
+        enrolment = None if enrolment is None else EnrolmentAugmentation.from_dict(enrolment)
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
     model.to(resolve_device(device)).eval()
@@ -329,6 +356,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
         path=folder,
         weights_sha256=digest,
         test_time_augmentation=views,
+        enrolment_augmentation=enrolment,
     )
 
 
@@ -467,6 +495,23 @@ def write_test_time_augmentation(bundle_dir: str | os.PathLike, views: ViewSpec 
         manifest.pop("test_time_augmentation", None)
     else:
         manifest["test_time_augmentation"] = views.to_dict()
+    manifest["config_sha256"] = config_digest(manifest)
+    atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return folder
+
+
+def write_enrolment_augmentation(bundle_dir: str | os.PathLike, augmentation: EnrolmentAugmentation | None) -> Path:
+    """Store (or, with ``None``, remove) a bundle's enrolment augmentation, atomically.
+
+    It changes the gallery rows the bundle enrols, so it is covered by ``config_sha256``, which is
+    recomputed; galleries built before keep their rows until they are built again.
+    """
+    folder = Path(bundle_dir).expanduser()
+    manifest = read_manifest(folder)
+    if augmentation is None:
+        manifest.pop("enrolment_augmentation", None)
+    else:
+        manifest["enrolment_augmentation"] = augmentation.to_dict()
     manifest["config_sha256"] = config_digest(manifest)
     atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return folder

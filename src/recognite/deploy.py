@@ -28,6 +28,7 @@ from recognite.embedding import (
     save_embeddings,
 )
 from recognite.gallery import GalleryIndex
+from recognite.gallery.k_reciprocal import KReciprocal
 from recognite.utils.validate import check_cosine_threshold, check_int
 
 __all__ = [
@@ -57,6 +58,19 @@ def _embed(bundle: Bundle, paths: Sequence[str], batch_size: int, num_workers: i
     check_int(batch_size, "batch_size", minimum=1)
     check_int(num_workers, "num_workers", minimum=0)
     return bundle.embed(paths, batch_size=batch_size, num_workers=num_workers, progress=progress, tta=tta)
+
+
+def _embed_references(bundle: Bundle, paths: Sequence[str], labels: Sequence[str], batch_size: int,
+                      num_workers: int, progress: bool, tta: bool, enrol: bool) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Gallery rows of reference images: ``(N * K, D)`` embeddings, their labels and ids (each
+    image's path, repeated for its ``K`` views under the bundle's enrolment augmentation)."""
+    check_int(batch_size, "batch_size", minimum=1)
+    check_int(num_workers, "num_workers", minimum=0)
+    views = bundle.embed_references(paths, batch_size=batch_size, num_workers=num_workers, progress=progress,
+                                    tta=tta, enrol=enrol)
+    k = views.shape[1]
+    return (views.flatten(0, 1), [label for label in labels for _ in range(k)],
+            [path for path in paths for _ in range(k)])
 
 
 def read_references(csv_file: str | os.PathLike | None = None, folder: str | os.PathLike | None = None,
@@ -114,8 +128,12 @@ def build_gallery(bundle: Bundle | str | os.PathLike, references: ImageList, out
                   aggregation: str = "all", backend: str = "torch", nlist: int | None = None,
                   nprobe: int | None = None, batch_size: int = 64, num_workers: int = 0,
                   device: str | torch.device | None = "auto", progress: bool = False,
-                  tta: bool = True) -> tuple[GalleryIndex, Path]:
-    """Embed reference images and write a new gallery file; returns the gallery and where it went."""
+                  tta: bool = True, enrol: bool = True) -> tuple[GalleryIndex, Path]:
+    """Embed reference images and write a new gallery file; returns the gallery and where it went.
+
+    With the bundle's enrolment augmentation (and ``enrol``) scoring ``'max'``, every image is
+    enrolled as its ``K`` views (``K`` rows with the image's label and path as id).
+    """
     refuse_overwriting_inputs(output, references.sources)
     kwargs: dict[str, Any] = {"nlist": nlist}
     if nprobe is not None:
@@ -123,15 +141,15 @@ def build_gallery(bundle: Bundle | str | os.PathLike, references: ImageList, out
     gallery = GalleryIndex(aggregation=aggregation, backend=backend, **kwargs)
     bundle = _bundle(bundle, device)
     gallery.model_id = bundle.weights_sha256
-    gallery.add(_embed(bundle, references.paths, batch_size, num_workers, progress, tta), references.labels,
-                ids=references.paths)
+    gallery.add(*_embed_references(bundle, references.paths, references.labels, batch_size, num_workers, progress,
+                                   tta, enrol))
     return gallery, Path(gallery.save(output))
 
 
 def add_to_gallery(bundle: Bundle | str | os.PathLike, gallery_path: str | os.PathLike, references: ImageList,
                    batch_size: int = 64, num_workers: int = 0, device: str | torch.device | None = "auto",
-                   progress: bool = False, tta: bool = True) -> tuple[GalleryIndex, Path, int]:
-    """Embed more references into an existing gallery file, in place.
+                   progress: bool = False, tta: bool = True, enrol: bool = True) -> tuple[GalleryIndex, Path, int]:
+    """Embed more references into an existing gallery file, in place (enrolled as in :func:`build_gallery`).
 
     Returns:
         ``(gallery, path written, number of new labels)``.
@@ -150,8 +168,8 @@ def add_to_gallery(bundle: Bundle | str | os.PathLike, gallery_path: str | os.Pa
         before = len(gallery.labels)
         if keep:
             paths = [references.paths[i] for i in keep]
-            gallery.add(_embed(bundle, paths, batch_size, num_workers, progress, tta),
-                        [references.labels[i] for i in keep], ids=paths)
+            gallery.add(*_embed_references(bundle, paths, [references.labels[i] for i in keep], batch_size,
+                                           num_workers, progress, tta, enrol))
         written = Path(gallery.save(gallery_path))
     return gallery, written, len(gallery.labels) - before
 
@@ -216,9 +234,10 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
                      backend: str | None = None, nprobe: int | None = None, image_key: str = "image",
                      label_key: str = "label", batch_size: int = 64, num_workers: int = 0,
                      device: str | torch.device | None = "auto", progress: bool = False,
-                     tta: bool = True, query_expansion: int = 0) -> Recognitions:
+                     tta: bool = True, query_expansion: int = 0, qe_alpha: float = 3.0,
+                     k_reciprocal: KReciprocal | None = None) -> Recognitions:
     """Embed query images (files, folders or CSVs) and answer the top-k labels or ``'unknown'``
-    (``query_expansion``: as in :meth:`GalleryIndex.recognize`, 0 = off)."""
+    (``query_expansion``, ``qe_alpha``, ``k_reciprocal``: as in :meth:`GalleryIndex.recognize`, off by default)."""
     top_k = check_int(top_k, "top_k", minimum=1)
     images = list_images(inputs, image_key=image_key, label_key=label_key)
     if not isinstance(gallery, GalleryIndex):
@@ -232,7 +251,8 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
         threshold = bundle.threshold
     threshold = check_cosine_threshold(threshold)
     embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress, tta)
-    result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe, query_expansion=query_expansion)
+    result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe, query_expansion=query_expansion,
+                               qe_alpha=qe_alpha, k_reciprocal=k_reciprocal)
     return Recognitions(records=_records(images, result), threshold=threshold, top_k=min(top_k, len(gallery.labels)),
                         sources=images.sources)
 

@@ -233,6 +233,7 @@ def embed_images(
     num_workers: int = 0,
     progress: bool = True,
     views: ViewSpec | None = None,
+    keep_views: bool = False,
 ) -> torch.Tensor:
     """Embed image files.
 
@@ -254,9 +255,12 @@ def embed_images(
         views: Test-time augmentation: embed the views of every image that this
             :class:`~recognite.utils.views.ViewSpec` lists and keep their mean (re-normalized when
             the model normalizes). None = the image alone.
+        keep_views: Return every view's embedding, ``(N, K, D)``, instead of their mean
+            (enrolment augmentation; ``K = 1`` without ``views``).
 
     Returns:
-        ``(N, D)`` float32 embeddings on the CPU, in the order of ``paths``.
+        ``(N, D)`` (or ``(N, K, D)`` with ``keep_views``) float32 embeddings on the CPU, in the
+        order of ``paths``.
 
     Raises:
         ValueError: Empty ``paths``, bad ``batch_size``/``num_workers``, an unreadable image.
@@ -284,7 +288,10 @@ def embed_images(
     loader = DataLoader(_ImageFiles(paths, transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=run_device.type == "cuda")
     embed = getattr(model, "embed", model)
-    if views is not None:  # the mean of each image's views, re-normalized as the model normalizes
+    if views is not None and keep_views:  # every view's embedding, (B, K, D)
+        embed_each = embed
+        embed = lambda batch: embed_each(batch.flatten(0, 1)).unflatten(0, batch.shape[:2])  # noqa: E731
+    elif views is not None:  # the mean of each image's views, re-normalized as the model normalizes
         normalize = bool(getattr(model, "normalize", True))
         embed_views = embed
         embed = lambda batch: embeddings_of_views(embed_views, batch, normalize=normalize)  # noqa: E731
@@ -296,7 +303,8 @@ def embed_images(
             chunks.append(embed(images.to(run_device, non_blocking=True)).float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(chunks)
+    out = torch.cat(chunks)
+    return out.unsqueeze(1) if keep_views and views is None else out
 
 
 # --- embeddings files -----------------------------------------------------------------------

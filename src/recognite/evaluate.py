@@ -14,6 +14,12 @@ from recognite.bundle import Bundle, load_bundle, write_threshold
 from recognite.data import load_csv, split_gallery_query
 from recognite.eval import episode_accuracy
 from recognite.eval.summary import summary_metrics
+from recognite.gallery.k_reciprocal import (
+    KReciprocal,
+    KReciprocalGallery,
+    warn_if_degenerate,
+)
+from recognite.gallery.rerank import query_expansion as expand_queries
 from recognite.utils.validate import check_cosine_threshold, check_int
 
 __all__ = ["calibrate_bundle", "evaluate_bundle"]
@@ -42,7 +48,8 @@ def _split(data_csv: str | os.PathLike, gallery_csv: str | os.PathLike | None, n
 
 def _episodes(embs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tensor, torch.Tensor],
               frames: tuple[pd.DataFrame, pd.DataFrame], episodes: int, n_way: int, k_shot: int,
-              group_key: str | None, seed: int) -> dict[str, float]:
+              group_key: str | None, seed: int, support_views: torch.Tensor | None = None,
+              support_scoring: str = "max") -> dict[str, float]:
     groups = None
     if group_key:
         for frame in frames:
@@ -53,7 +60,8 @@ def _episodes(embs: tuple[torch.Tensor, torch.Tensor], labels: tuple[torch.Tenso
         group_ids = {g: i for i, g in enumerate(sorted(set(values)))}
         groups = torch.tensor([group_ids[g] for g in values])
     result = episode_accuracy(torch.cat(embs), torch.cat(labels), n_way=n_way, k_shot=k_shot,
-                              num_episodes=episodes, groups=groups, seed=seed)
+                              num_episodes=episodes, groups=groups, seed=seed, support_views=support_views,
+                              support_scoring=support_scoring)
     return {f"{n_way}-way {k_shot}-shot": result["mean"], f"{n_way}-way {k_shot}-shot ci95": result["ci95"]}
 
 
@@ -66,6 +74,23 @@ def _embed_split(bundle: Bundle, frames: tuple[pd.DataFrame, pd.DataFrame], imag
     embs = tuple(bundle.embed(list(frame[image_key]), batch_size=batch_size, num_workers=num_workers,
                               progress=progress, tta=tta) for frame in frames)
     return names, labels, embs
+
+
+def _reference_views(bundle: Bundle, frame: pd.DataFrame, image_key: str, batch_size: int, num_workers: int,
+                     progress: bool, tta: bool) -> torch.Tensor:
+    """``(N, K, D)`` rows of the images as the bundle's enrolment augmentation enrols them."""
+    return bundle.embed_references(list(frame[image_key]), batch_size=batch_size, num_workers=num_workers,
+                                   progress=progress, tta=tta)
+
+
+def _gallery_side(bundle: Bundle, df_gallery: pd.DataFrame, plain: torch.Tensor, enrol: bool, image_key: str,
+                  batch_size: int, num_workers: int, progress: bool, tta: bool) -> torch.Tensor:
+    """The gallery as enrolled: ``plain`` (``(G, D)``, as queries) without enrolment augmentation,
+    else ``(G, D)`` mean-of-views prototypes or ``(G, K, D)`` views (scored by the best)."""
+    if not enrol or bundle.enrolment_augmentation is None:
+        return plain
+    views = _reference_views(bundle, df_gallery, image_key, batch_size, num_workers, progress, tta)
+    return views.squeeze(1) if views.shape[1] == 1 else views
 
 
 def evaluate_bundle(
@@ -86,6 +111,10 @@ def evaluate_bundle(
     device: str | torch.device | None = "auto",
     progress: bool = False,
     tta: bool = True,
+    enrol: bool = True,
+    query_expansion: int = 0,
+    qe_alpha: float = 3.0,
+    k_reciprocal: KReciprocal | None = None,
 ) -> dict[str, Any]:
     """Embed the gallery and query images with a bundle and compute every recognition metric.
 
@@ -112,6 +141,15 @@ def evaluate_bundle(
         device: ``'auto'``, ``'cpu'``, ``'cuda'``... (used when ``bundle`` is a folder).
         progress: Show progress bars while embedding.
         tta: Use the bundle's test-time augmentation, if it has one (False: each image alone).
+        enrol: Enrol the references (and, in episodes, the support images) with the bundle's
+            enrolment augmentation, if it has one (False: as queries).
+        query_expansion: Expand each query with this many nearest gallery rows before scoring
+            (:func:`recognite.gallery.rerank.query_expansion`; 0 = off).
+        qe_alpha: The weight exponent of query expansion.
+        k_reciprocal: Re-rank every query's scores by k-reciprocal neighbours
+            (:mod:`recognite.gallery.k_reciprocal`), inside the bounded-memory engine; the
+            open-set rates (``DIR``, ``FAR``) are then left out, because the threshold is a cosine
+            similarity. Not with a multi-view enrolment (``'max'``). Episodes are not re-ranked.
 
     Returns:
         Dict: ``num_gallery``, ``num_queries``, ``num_labels``, ``top1``, ``top5``/``top10`` and
@@ -131,15 +169,36 @@ def evaluate_bundle(
         threshold = bundle.threshold
     threshold = check_cosine_threshold(threshold)
     df_gallery, df_query = _split(data_csv, gallery_csv, num_refs, ref_seed, image_key, label_key)
+    check_int(query_expansion, "query_expansion", minimum=0)
+    if k_reciprocal is not None and not isinstance(k_reciprocal, KReciprocal):
+        raise TypeError(f"k_reciprocal must be a KReciprocal or None, got {type(k_reciprocal).__name__}")
+    augmentation = bundle.enrolment_augmentation if enrol else None
+    if k_reciprocal is not None and augmentation is not None and augmentation.scoring == "max":
+        raise ValueError("k_reciprocal re-ranks one row per gallery item: it cannot be combined with the bundle's "
+                         "multi-view enrolment (scoring 'max'); pass enrol=False (--no-enrol-aug) or leave it off.")
     names, labels, embs = _embed_split(bundle, (df_gallery, df_query), image_key, label_key, batch_size,
                                        num_workers, progress, tta)
+    gallery = _gallery_side(bundle, df_gallery, embs[0], enrol, image_key, batch_size, num_workers, progress, tta)
+    queries = embs[1]
+    if query_expansion:
+        queries = expand_queries(queries, gallery.flatten(0, -2), k=query_expansion, alpha=qe_alpha)
+    rerank = None
+    if k_reciprocal is not None:
+        warn_if_degenerate(labels[0])
+        rerank = KReciprocalGallery(gallery, k_reciprocal).rerank_scores
     ks = tuple(k for k in (1, 5, 10) if k <= len(set(labels[0].tolist()))) or (1,)
-    summary = summary_metrics(embs[1], labels[1], embs[0], labels[0], metric="cosine", ks=ks, threshold=threshold,
-                              calibrate=False)
+    summary = summary_metrics(queries, labels[1], gallery, labels[0], metric="cosine", ks=ks,
+                              threshold=None if rerank is not None else threshold, calibrate=False, rerank=rerank)
     metrics: dict[str, Any] = {"num_gallery": len(df_gallery), "num_queries": len(df_query), "num_labels": len(names),
                                **summary.metrics}
     if episodes:
-        metrics.update(_episodes(embs, labels, (df_gallery, df_query), episodes, n_way, k_shot, group_key, ref_seed))
+        support_views = None
+        if augmentation is not None:
+            support_views = torch.cat([gallery.reshape(len(df_gallery), -1, gallery.shape[-1]),
+                                       _reference_views(bundle, df_query, image_key, batch_size, num_workers,
+                                                        progress, tta)])
+        metrics.update(_episodes(embs, labels, (df_gallery, df_query), episodes, n_way, k_shot, group_key, ref_seed,
+                                 support_views, augmentation.scoring if augmentation is not None else "max"))
     return metrics
 
 
@@ -157,11 +216,13 @@ def calibrate_bundle(
     device: str | torch.device | None = "auto",
     progress: bool = False,
     tta: bool = True,
+    enrol: bool = True,
 ) -> float | None:
     """Choose a bundle's open-set threshold on labelled images and write it into the bundle.
 
     The CSV is split per label into ``num_refs`` references and queries as in
-    :func:`evaluate_bundle`; the threshold comes from
+    :func:`evaluate_bundle` (the references enrolled with the bundle's enrolment augmentation
+    unless ``enrol`` is False); the threshold comes from
     :func:`recognite.eval.open_set.calibrate_threshold` with the method and default of training's
     calibration (``'f1'``; ``'far'`` with ``target_far``), and is written atomically.
 
@@ -174,7 +235,8 @@ def calibrate_bundle(
     df_gallery, df_query = _split(data_csv, None, num_refs, ref_seed, image_key, label_key)
     names, labels, embs = _embed_split(bundle, (df_gallery, df_query), image_key, label_key, batch_size,
                                        num_workers, progress, tta)
-    summary = summary_metrics(embs[1], labels[1], embs[0], labels[0], metric="cosine", ks=(1,),
+    gallery = _gallery_side(bundle, df_gallery, embs[0], enrol, image_key, batch_size, num_workers, progress, tta)
+    summary = summary_metrics(embs[1], labels[1], gallery, labels[0], metric="cosine", ks=(1,),
                               threshold_method=threshold_method, target_far=target_far)
     threshold = summary.threshold
     if threshold is not None and not math.isfinite(threshold):

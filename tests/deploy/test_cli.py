@@ -219,3 +219,27 @@ def test_help(command, capsys):
         main([*command, "--help"])
     assert exc.value.code == 0
     assert "usage: recognite " + " ".join(command) in capsys.readouterr().out
+
+
+def test_recognize_with_k_reciprocal_and_query_expansion_flags(bundle_dir, refs_tree, queries, tmp_path, capsys):
+    from recognite.gallery.k_reciprocal import KReciprocal
+
+    gallery_file = tmp_path / "g.safetensors"
+    assert _run(capsys, "gallery", "build", "--bundle", bundle_dir, "--output", gallery_file, "--folder", refs_tree,
+                "--device", "cpu", "--no-progress")[0] == 0
+    gallery = GalleryIndex.load(gallery_file)
+    bundle = load_bundle(bundle_dir, device="cpu")
+    paths = sorted(str(p) for p in queries.iterdir())
+    q = bundle.embed(paths)
+    for flags, kwargs in ((["--k-reciprocal", "--k1", "2", "--k2", "1", "--kr-top-n", "3"],
+                           {"k_reciprocal": KReciprocal(k1=2, k2=1, top_n=3)}),
+                          (["--query-expansion", "1", "--qe-alpha", "1"], {"query_expansion": 1, "qe_alpha": 1.0})):
+        out_json = tmp_path / "out.json"
+        assert _run(capsys, "recognize", "--bundle", bundle_dir, "--gallery", gallery_file, *paths, "--threshold",
+                    "none", "--output", out_json, "--no-progress", "--device", "cpu", *flags)[0] == 0
+        got = {r["path"]: [(e["label"], e["score"]) for e in r["top_k"]] for r in json.loads(out_json.read_text())["results"]}
+        want = gallery.recognize(q, k=5, **kwargs)
+        for i, path in enumerate(paths):
+            assert [label for label, _ in got[path]] == want.labels[i]
+            assert [score for _, score in got[path]] == pytest.approx(want.scores[i, : len(want.labels[i])].tolist(),
+                                                                       abs=1e-5)

@@ -61,3 +61,58 @@ def test_evaluate_bad_input_is_one_line(tmp_path, labelled_csv, capsys):
     assert code == 2 and len(err) == 1 and "missing.csv" in err[0]
     code = main(["evaluate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--num-refs", "0"])
     assert code == 2 and "--num-refs" in capsys.readouterr().err
+
+
+def test_evaluate_with_k_reciprocal_equals_the_engine_on_re_ranked_scores(tmp_path, labelled_csv):
+    import torch
+
+    from recognite.eval import evaluate_embeddings
+    from recognite.gallery.k_reciprocal import KReciprocal, KReciprocalGallery
+
+    bundle_dir = save_bundle(make_model(), tmp_path / "bundle", image_size=IMAGE_SIZE, threshold=0.5)
+    out = tmp_path / "metrics.json"
+    code = main(["evaluate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--num-refs", "2",
+                 "--k-reciprocal", "--k1", "3", "--k2", "2", "--output", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads(out.read_text())
+    assert "FAR" not in metrics  # the threshold is a cosine similarity: no rates on re-ranked scores
+    bundle = load_bundle(bundle_dir, device="cpu")
+    df_gallery, df_query = split_gallery_query(load_csv(labelled_csv), num_refs=2, seed=0)
+    gallery, queries = bundle.embed(list(df_gallery["image"])), bundle.embed(list(df_query["image"]))
+    names = sorted(set(df_gallery["label"]))
+    gl = torch.tensor([names.index(x) for x in df_gallery["label"]])
+    ql = torch.tensor([names.index(x) for x in df_query["label"]])
+    side = KReciprocalGallery(gallery, KReciprocal(k1=3, k2=2))
+    expected = evaluate_embeddings(queries, ql, gallery, gl, ks=(1,), rerank=side.rerank_scores)
+    assert metrics["top1"] == pytest.approx(expected["accuracy"])
+    assert metrics["mAP"] == pytest.approx(expected["mAP"])
+
+
+def test_calibrate_sets_the_enrolment_views_and_evaluate_can_switch_them_off(tmp_path, labelled_csv, capsys):
+    bundle_dir = save_bundle(make_model(), tmp_path / "bundle", image_size=IMAGE_SIZE)
+    code = main(["calibrate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--enrol-rotations",
+                 "-10", "10", "--no-progress", "--device", "cpu"])
+    assert code == 0
+    assert "3 per reference, scored by max" in capsys.readouterr().out
+    bundle = load_bundle(bundle_dir, device="cpu")
+    assert bundle.enrolment_augmentation.views.rotations == (-10.0, 10.0)
+    with pytest.raises(ValueError, match="multi-view enrolment"):
+        _evaluate(bundle, labelled_csv)
+    on, off = tmp_path / "on.json", tmp_path / "off.json"
+    for path, flag in ((on, "--enrol-aug"), (off, "--no-enrol-aug")):
+        assert main(["evaluate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), flag, "--output",
+                     str(path), "--no-progress", "--device", "cpu"]) == 0
+    from recognite.evaluate import evaluate_bundle
+
+    assert json.loads(on.read_text())["mAP"] == pytest.approx(evaluate_bundle(bundle, labelled_csv)["mAP"])
+    assert json.loads(off.read_text())["mAP"] == pytest.approx(evaluate_bundle(bundle, labelled_csv, enrol=False)["mAP"])
+    assert main(["calibrate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--enrol-rotations",
+                 "--no-progress", "--device", "cpu"]) == 0
+    assert load_bundle(bundle_dir, device="cpu").enrolment_augmentation is None  # no views left: off
+
+
+def _evaluate(bundle, csv):
+    from recognite.evaluate import evaluate_bundle
+    from recognite.gallery.k_reciprocal import KReciprocal
+
+    return evaluate_bundle(bundle, csv, k_reciprocal=KReciprocal())

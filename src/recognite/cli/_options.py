@@ -62,6 +62,37 @@ def add_loading(p: argparse.ArgumentParser) -> None:
                    help="Use the bundle's test-time augmentation, if it has one (--no-tta: each image alone).")
 
 
+def add_enrolment(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--enrol-aug", action=argparse.BooleanOptionalAction, default=True,
+                   help="Enrol references with the bundle's enrolment augmentation, if it has one (--no-enrol-aug: "
+                        "each reference as a query).")
+
+
+def add_reranking(p: argparse.ArgumentParser) -> None:
+    """Re-ranking options (off unless asked for; see docs/accuracy.md)."""
+    g = p.add_argument_group("re-ranking", "Off by default: measured on Omniglot they did not help (benchmarks/RESULTS.md).")
+    g.add_argument("--query-expansion", type=int, default=0, metavar="K",
+                   help="Re-rank by alpha query expansion with K gallery neighbours (default: 0, off).")
+    g.add_argument("--qe-alpha", type=float, default=3.0, help="Weight exponent of query expansion (default: 3).")
+    g.add_argument("--k-reciprocal", action="store_true",
+                   help="Re-rank by k-reciprocal neighbours (Zhong et al. 2017; per query, bounded memory).")
+    g.add_argument("--k1", type=int, default=20, help="k-reciprocal: neighbours of the reciprocal sets (default: 20).")
+    g.add_argument("--k2", type=int, default=6, help="k-reciprocal: neighbours of the local expansion (default: 6).")
+    g.add_argument("--kr-lambda", type=float, default=0.3,
+                   help="k-reciprocal: weight of the original distance (default: 0.3).")
+    g.add_argument("--kr-top-n", type=int, default=100, help="k-reciprocal: candidates re-ranked (default: 100).")
+
+
+def reranking_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The re-ranking options as keyword arguments (``query_expansion``, ``qe_alpha``, ``k_reciprocal``)."""
+    from recognite.gallery.k_reciprocal import KReciprocal
+
+    k_reciprocal = None
+    if args.k_reciprocal:
+        k_reciprocal = KReciprocal(k1=args.k1, k2=args.k2, lambda_value=args.kr_lambda, top_n=args.kr_top_n)
+    return {"query_expansion": args.query_expansion, "qe_alpha": args.qe_alpha, "k_reciprocal": k_reciprocal}
+
+
 def add_csv_keys(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-key", default="image", help="CSV column holding the image paths (default: image).")
     p.add_argument("--label-key", default="label", help="CSV column holding the labels (default: label).")

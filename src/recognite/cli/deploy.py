@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from recognite.cli._options import add_backend, add_bundle, add_csv_keys, add_loading
+from recognite.cli._options import (
+    add_backend,
+    add_bundle,
+    add_csv_keys,
+    add_enrolment,
+    add_loading,
+    add_reranking,
+    reranking_values,
+)
 
 logger = logging.getLogger("recognite")
 
@@ -123,7 +131,8 @@ def _run_gallery_build(args: argparse.Namespace) -> int:
     from recognite.deploy import build_gallery
 
     gallery, written = build_gallery(args.bundle, _references(args), args.output, aggregation=args.aggregation,
-                                     backend=args.backend, nlist=args.nlist, nprobe=args.nprobe, **_loading(args))
+                                     backend=args.backend, nlist=args.nlist, nprobe=args.nprobe, enrol=args.enrol_aug,
+                                     **_loading(args))
     logger.info("Gallery %s: %d references of %d labels (aggregation %s, backend %s)", written, len(gallery),
                 len(gallery.labels), gallery.aggregation, gallery.backend)
     return 0
@@ -133,7 +142,8 @@ def _run_gallery_add(args: argparse.Namespace) -> int:
     from recognite.deploy import add_to_gallery
 
     refs = _references(args)
-    gallery, written, new_labels = add_to_gallery(args.bundle, args.gallery, refs, **_loading(args))
+    gallery, written, new_labels = add_to_gallery(args.bundle, args.gallery, refs, enrol=args.enrol_aug,
+                                                  **_loading(args))
     logger.info("Gallery %s: added %d references (%d new labels); now %d references of %d labels", written,
                 len(refs), new_labels, len(gallery), len(gallery.labels))
     return 0
@@ -190,6 +200,7 @@ def _register_gallery(sub: argparse._SubParsersAction) -> None:
     add_backend(b, "torch")
     add_csv_keys(b)
     add_loading(b)
+    add_enrolment(b)
     b.set_defaults(handler=_run_gallery_build)
 
     a = gsub.add_parser("add", help="Embed more reference images into an existing gallery.",
@@ -200,6 +211,7 @@ def _register_gallery(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--folder", help="Folder with one subfolder of reference images per label.")
     add_csv_keys(a)
     add_loading(a)
+    add_enrolment(a)
     a.set_defaults(handler=_run_gallery_add)
 
     r = gsub.add_parser("remove", help="Remove labels (all their references) from a gallery.",
@@ -256,7 +268,7 @@ def _run_recognize(args: argparse.Namespace) -> int:
     threshold = FROM_BUNDLE if args.threshold is _FROM_BUNDLE else args.threshold
     answers = recognize_images(args.bundle, args.gallery, _inputs(args), top_k=args.top_k, threshold=threshold,
                                backend=args.backend, nprobe=args.nprobe, image_key=args.image_key,
-                               label_key=args.label_key, query_expansion=args.query_expansion, **_loading(args))
+                               label_key=args.label_key, **reranking_values(args), **_loading(args))
     if answers.threshold is None:
         logger.info("No threshold (%s): every query gets its best label, never 'unknown'.",
                     "--threshold none" if args.threshold is None else "none in the bundle; set one with --threshold")
@@ -288,8 +300,7 @@ def _register_recognize(sub: argparse._SubParsersAction) -> None:
                    help="Cosine-similarity threshold below which the answer is 'unknown'; 'none' never answers "
                    "unknown (default: the threshold calibrated in training, stored in the bundle).")
     p.add_argument("--output", default=None, help="Write results to a .csv or .json file instead of the terminal table.")
-    p.add_argument("--query-expansion", type=int, default=0, metavar="K",
-                   help="Re-rank by alpha query expansion with K gallery neighbours (default: 0, off).")
+    add_reranking(p)
     add_backend(p, None, nlist=False)
     add_csv_keys(p)
     add_loading(p)

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from recognite._atomic import atomic_write_text, refuse_overwriting_inputs
-from recognite.cli._options import add_bundle, add_csv_keys, add_loading
+from recognite.cli._options import (
+    add_bundle,
+    add_csv_keys,
+    add_enrolment,
+    add_loading,
+    add_reranking,
+    reranking_values,
+)
 
 logger = logging.getLogger("recognite")
 
@@ -29,7 +36,7 @@ def evaluate_bundle_on_csv(args: argparse.Namespace) -> dict[str, Any]:
         threshold="bundle" if args.threshold is None else args.threshold, episodes=args.episodes,
         n_way=args.n_way, k_shot=args.k_shot, group_key=args.group_key, image_key=args.image_key,
         label_key=args.label_key, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, tta=args.tta,
-        progress=args.progress,
+        progress=args.progress, enrol=args.enrol_aug, **reranking_values(args),
     )
 
 
@@ -67,7 +74,30 @@ def _register_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, help="Also write the metrics to this JSON file.")
     add_csv_keys(p)
     add_loading(p)
+    add_enrolment(p)
+    add_reranking(p)
     p.set_defaults(handler=_run_evaluate)
+
+
+def _write_enrolment(args: argparse.Namespace) -> None:
+    """Set the bundle's enrolment augmentation from the --enrol-* options (unset ones keep the bundle's)."""
+    from recognite.bundle import load_bundle, write_enrolment_augmentation
+    from recognite.utils.views import EnrolmentAugmentation, ViewSpec
+
+    current = load_bundle(args.bundle, device="cpu", verify=False).enrolment_augmentation
+    views = current.views if current is not None else ViewSpec()
+    views = ViewSpec(
+        shift=views.shift if args.enrol_shift is None else args.enrol_shift,
+        scales=views.scales if args.enrol_scales is None else tuple(args.enrol_scales),
+        hflip=views.hflip if args.enrol_hflip is None else args.enrol_hflip,
+        rotations=views.rotations if args.enrol_rotations is None else tuple(args.enrol_rotations),
+    )
+    scoring = args.enrol_scoring or (current.scoring if current is not None else "max")
+    augmentation = EnrolmentAugmentation(views, scoring) if views.num_views > 1 else None
+    write_enrolment_augmentation(args.bundle, augmentation)
+    print("enrolment views  " + ("none" if augmentation is None else
+                                 f"{views.num_views} per reference, scored by {scoring} (shift {views.shift}, scales "
+                                 f"{list(views.scales)}, rotations {list(views.rotations)}, hflip {views.hflip})"))
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
@@ -76,7 +106,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     if args.num_refs < 1:
         raise ValueError(f"--num-refs must be >= 1, got {args.num_refs}.")
     method = args.threshold_method or ("far" if args.target_far is not None else "f1")
-    if args.views_shift is not None or args.views_scales is not None or args.views_hflip is not None:
+    if any(option is not None for option in (args.views_shift, args.views_scales, args.views_hflip,
+                                             args.views_rotations)):
         from recognite.bundle import load_bundle, write_test_time_augmentation
         from recognite.utils.views import ViewSpec
 
@@ -85,15 +116,19 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             shift=current.shift if args.views_shift is None else args.views_shift,
             scales=current.scales if args.views_scales is None else tuple(args.views_scales),
             hflip=current.hflip if args.views_hflip is None else args.views_hflip,
+            rotations=current.rotations if args.views_rotations is None else tuple(args.views_rotations),
         )
         write_test_time_augmentation(args.bundle, views)
         print(f"test-time views  {views.num_views} per image (shift {views.shift}, scales {list(views.scales)}, "
-              f"hflip {views.hflip})")
+              f"rotations {list(views.rotations)}, hflip {views.hflip})")
+    enrol_options = (args.enrol_shift, args.enrol_scales, args.enrol_rotations, args.enrol_hflip, args.enrol_scoring)
+    if any(option is not None for option in enrol_options):
+        _write_enrolment(args)
     threshold = calibrate_bundle(
         args.bundle, args.data_csv, num_refs=args.num_refs, ref_seed=args.ref_seed, threshold_method=method,
         target_far=0.05 if args.target_far is None else args.target_far, image_key=args.image_key,
         label_key=args.label_key, batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, tta=args.tta,
-        progress=args.progress,
+        progress=args.progress, enrol=args.enrol_aug,
     )
     print("threshold  " + ("none" if threshold is None else f"{threshold:.6f}"))
     return 0
@@ -120,10 +155,25 @@ def _register_calibrate(sub: argparse._SubParsersAction) -> None:
                        help="Four views shifted by this fraction of the side (0 = none).")
     views.add_argument("--views-scales", type=float, nargs="*", default=None,
                        help="Views rescaled about the centre by these factors (none given = no rescaled views).")
+    views.add_argument("--views-rotations", type=float, nargs="*", default=None,
+                       help="Views rotated by these angles in degrees (counter-clockwise).")
     views.add_argument("--views-hflip", action=argparse.BooleanOptionalAction, default=None,
                        help="Also the mirror image of every view (only for models trained with flips).")
+    enrol = p.add_argument_group("enrolment augmentation", "Set how references are enrolled (each as several views, "
+                                 "scored by the best or their mean) before calibrating; unset options keep the "
+                                 "bundle's; no views left = off.")
+    enrol.add_argument("--enrol-shift", type=float, default=None, help="Four views shifted by this fraction of the side.")
+    enrol.add_argument("--enrol-scales", type=float, nargs="*", default=None, help="Views rescaled by these factors.")
+    enrol.add_argument("--enrol-rotations", type=float, nargs="*", default=None,
+                       help="Views rotated by these angles in degrees (counter-clockwise).")
+    enrol.add_argument("--enrol-hflip", action=argparse.BooleanOptionalAction, default=None,
+                       help="Also the mirror image of every view.")
+    enrol.add_argument("--enrol-scoring", choices=("max", "mean"), default=None,
+                       help="max: a reference scores its best view (one gallery row per view); mean: one row, "
+                            "the mean of its views (default: max).")
     add_csv_keys(p)
     add_loading(p)
+    add_enrolment(p)
     p.set_defaults(handler=_run_calibrate)
 
 

@@ -8,7 +8,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from recognite.cli import commands, deploy, evaluate_command, report_command, serve_command
+from recognite.cli import (
+    commands,
+    deploy,
+    evaluate_command,
+    report_command,
+    serve_command,
+)
 
 logger = logging.getLogger("recognite")
 

@@ -23,6 +23,8 @@ def episode_accuracy(
     groups: torch.Tensor | None = None,
     metric: str = "cosine",
     seed: int = 0,
+    support_views: torch.Tensor | None = None,
+    support_scoring: str = "max",
 ) -> dict[str, Any]:
     """Mean accuracy over random N-way K-shot episodes, with a 95% confidence interval.
 
@@ -45,6 +47,11 @@ def episode_accuracy(
             group. Only groups with at least ``n_way`` usable classes are drawn (uniformly).
         metric: similarity metric (see :func:`~recognite.eval.pairwise_scores`).
         seed: seed of the episode sampler.
+        support_views: optional ``(N, V, D)``: ``V`` embeddings of every sample used when it is
+            a *support* sample (enrolment augmentation: e.g. views of the image); queries keep
+            ``embeddings``. The same episodes are drawn with or without them.
+        support_scoring: with ``support_views``: ``'max'`` scores a class by its best support
+            view, ``'mean'`` by the prototype of all its support views.
 
     Returns:
         ``{'mean': float, 'ci95': float, 'accuracies': (num_episodes,) float64}``; ``ci95`` is the
@@ -74,6 +81,16 @@ def episode_accuracy(
     check_k(n_query, "n_query")
     check_k(num_episodes, "num_episodes")
     check_metric(metric)
+    if support_scoring not in ("max", "mean"):
+        raise ValueError(f"support_scoring must be 'max' or 'mean', got {support_scoring!r}")
+    if support_views is not None:
+        if (not isinstance(support_views, torch.Tensor) or support_views.dim() != 3
+                or support_views.shape[0] != embeddings.shape[0] or support_views.shape[2] != embeddings.shape[1]
+                or support_views.shape[1] == 0):
+            shape = tuple(support_views.shape) if isinstance(support_views, torch.Tensor) else type(support_views).__name__
+            raise ValueError(f"support_views must have shape ({embeddings.shape[0]}, V, {embeddings.shape[1]}) "
+                             f"with V >= 1, got {shape}")
+        support_views = support_views.to(embeddings.device)
     per_class = k_shot + n_query
     order = torch.argsort(labels, stable=True)
     classes, counts = torch.unique(labels, return_counts=True)
@@ -115,7 +132,7 @@ def episode_accuracy(
             query_index[episode, way] = picked[k_shot:]
     accuracies = torch.cat(
         [
-            _episode_accuracies(embeddings, support, query, metric)
+            _episode_accuracies(embeddings, support, query, metric, support_views, support_scoring)
             for support, query in zip(support_index.split(256), query_index.split(256))
         ]
     )
@@ -129,14 +146,24 @@ def episode_accuracy(
 
 
 def _episode_accuracies(
-    embeddings: torch.Tensor, support_index: torch.Tensor, query_index: torch.Tensor, metric: str
+    embeddings: torch.Tensor, support_index: torch.Tensor, query_index: torch.Tensor, metric: str,
+    support_views: torch.Tensor | None = None, support_scoring: str = "max",
 ) -> torch.Tensor:
     """Accuracy of each episode in a batch: ``support_index (E, W, K)``, ``query_index (E, W, M)``."""
     num_episodes, n_way, n_query = query_index.shape
     device = embeddings.device
-    prototypes = embeddings[support_index.to(device)].mean(dim=2)  # (E, W, D)
     queries = embeddings[query_index.to(device)].reshape(num_episodes, n_way * n_query, -1)
-    scores = batched_pairwise_scores(queries, prototypes, metric)  # (E, W * M, W)
+    if support_views is None:
+        prototypes = embeddings[support_index.to(device)].mean(dim=2)  # (E, W, D)
+        scores = batched_pairwise_scores(queries, prototypes, metric)  # (E, W * M, W)
+    elif support_scoring == "mean":
+        prototypes = support_views[support_index.to(device)].flatten(2, 3).mean(dim=2)  # (E, W, D)
+        scores = batched_pairwise_scores(queries, prototypes, metric)
+    else:  # a class scores its best support view
+        views = support_views[support_index.to(device)]  # (E, W, K, V, D)
+        flat = views.reshape(num_episodes, -1, views.shape[-1])
+        scores = batched_pairwise_scores(queries, flat, metric).reshape(num_episodes, n_way * n_query, n_way, -1)
+        scores = scores.amax(dim=3)
     truth = torch.arange(n_way, device=device).repeat_interleave(n_query)
     true_class = truth.view(1, -1, 1).expand(num_episodes, -1, 1)
     true_score = scores.gather(2, true_class)

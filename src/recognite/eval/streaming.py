@@ -11,7 +11,7 @@ to the full-matrix functions of :mod:`recognite.eval` (same statistics, same tie
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -176,6 +176,7 @@ def evaluate_embeddings(
     use_faiss: bool = False,
     device: str | torch.device | None = None,
     progress: bool = False,
+    rerank: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """All retrieval metrics for query and gallery embeddings, with bounded memory.
 
@@ -186,7 +187,8 @@ def evaluate_embeddings(
     Args:
         query_embs: ``(Q, D)`` query embeddings.
         query_labels: ``(Q,)`` integer labels.
-        gallery_embs: ``(G, D)`` gallery embeddings.
+        gallery_embs: ``(G, D)`` gallery embeddings, or ``(G, V, D)``: ``V`` embeddings per
+            gallery item (enrolment views), each item scored by its best view.
         gallery_labels: ``(G,)`` integer labels.
         metric: ``'inner'``, ``'cosine'``, ``'euclid'`` or ``'sq_euclid'`` (see
             :func:`~recognite.eval.pairwise_scores`).
@@ -201,8 +203,19 @@ def evaluate_embeddings(
             and ties follow FAISS's order instead of the pessimistic rule.
         device: where to compute (default: the gallery's device).
         progress: show a tqdm progress bar over chunks.
+        rerank: applied to every ``(chunk, G)`` block of scores before it is reduced (it may
+            overwrite the block), e.g. the k-reciprocal re-ranking
+            ``recognite.gallery.k_reciprocal.KReciprocalGallery(gallery_embs).rerank_scores``; the
+            metrics are then those of the re-ranked scores, memory stays bounded by the chunk.
     """
     query_embs = _check_embeddings(query_embs, "query_embs")
+    gallery_views = None
+    if isinstance(gallery_embs, torch.Tensor) and gallery_embs.dim() == 3:  # (G, V, D): best view
+        gallery_views = [_check_embeddings(gallery_embs[:, v].contiguous(), "gallery_embs")
+                         for v in range(gallery_embs.shape[1])]
+        if not gallery_views:
+            raise ValueError("gallery_embs of shape (G, V, D) needs V >= 1 views")
+        gallery_embs = gallery_views[0]
     gallery_embs = _check_embeddings(gallery_embs, "gallery_embs")
     query_labels = as_labels(query_labels, "query_labels")
     gallery_labels = as_labels(gallery_labels, "gallery_labels")
@@ -235,13 +248,19 @@ def evaluate_embeddings(
     gallery_embs = gallery_embs.to(device)
     gallery_labels = gallery_labels.to(device)
     query_labels = query_labels.to(device)
+    if rerank is not None and not callable(rerank):
+        raise TypeError(f"rerank must be a function of a (chunk, G) score block, got {type(rerank).__name__}")
     if use_faiss:
+        if rerank is not None or gallery_views is not None:
+            raise ValueError("rerank and (G, V, D) gallery views need the exact scores of every chunk: "
+                             "use them with use_faiss=False")
         from ._faiss import faiss_top_k_metrics
 
         return faiss_top_k_metrics(
             query_embs, query_labels, gallery_embs, gallery_labels, metric, ks, chunk_size
         )
     scorer = _GalleryScorer(gallery_embs, metric)
+    view_scorers = [_GalleryScorer(view.to(device), metric) for view in (gallery_views or [])[1:]]
     label_index = LabelIndex(gallery_labels)
     workspace = Workspace()
     starts = range(0, query_embs.shape[0], chunk_size)
@@ -256,6 +275,10 @@ def evaluate_embeddings(
     for start in starts:
         chunk_queries = query_embs[start : start + chunk_size].to(device)
         scores = scorer(chunk_queries, out=buffer[: chunk_queries.shape[0]])
+        for view_scorer in view_scorers:
+            torch.maximum(scores, view_scorer(chunk_queries), out=scores)
+        if rerank is not None:
+            scores = rerank(scores)
         parts.append(
             chunk_stats(
                 scores, label_index, query_labels[start : start + chunk_size], ks, budget,

@@ -9,7 +9,7 @@ engine's budget, whatever ``Q * G``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +54,15 @@ def summary_metrics(
     target_far: float = 0.05,
     memory_budget: int | None = None,
     device: str | torch.device | None = None,
+    rerank: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> SummaryResult:
     """Retrieval metrics, open-set threshold and rates of query embeddings against a gallery.
 
     Args:
         query_embs: ``(Q, D)`` query embeddings.
         query_labels: ``(Q,)`` integer labels.
-        gallery_embs: ``(G, D)`` gallery embeddings.
+        gallery_embs: ``(G, D)`` gallery embeddings, or ``(G, V, D)`` (each item scored by its
+            best view, see :func:`evaluate_embeddings`).
         gallery_labels: ``(G,)`` integer labels.
         metric: Similarity (see :func:`~recognite.eval.pairwise_scores`).
         ks: ``k`` values of top-k accuracy and recall@k (those above ``G`` are left out).
@@ -70,6 +72,8 @@ def summary_metrics(
         target_far: Target false-accept rate of ``'far'``.
         memory_budget: Working memory of the engine in bytes (default 256 MiB).
         device: Where to score (default: the gallery's device).
+        rerank: Re-ranking of every block of scores (see :func:`evaluate_embeddings`); the
+            threshold and rates then apply to the re-ranked scores.
 
     Returns:
         A :class:`SummaryResult`.
@@ -85,7 +89,7 @@ def summary_metrics(
     num_gallery = int(gallery_embs.shape[0]) if isinstance(gallery_embs, torch.Tensor) else 0
     ks = tuple(k for k in ks if k <= num_gallery) or (1,)
     result = evaluate_embeddings(query_embs, query_labels, gallery_embs, gallery_labels, metric=metric, ks=ks,
-                                 memory_budget=memory_budget, device=device)
+                                 memory_budget=memory_budget, device=device, rerank=rerank)
     per_query = result["per_query"].cpu()
     metrics: dict[str, Any] = {"top1": result["accuracy"]}
     metrics.update({f"top{k}": result["top_k_accuracy"][k] for k in ks if k > 1})

@@ -16,6 +16,11 @@ import torch.nn.functional as F
 
 from recognite.gallery import _faiss, _io, rerank
 from recognite.gallery._search import exact_topk, label_topk
+from recognite.gallery.k_reciprocal import (
+    KReciprocal,
+    KReciprocalGallery,
+    warn_if_degenerate,
+)
 from recognite.gallery.open_set import UNKNOWN, RecognitionResult, open_set_predictions
 from recognite.utils.validate import check_int
 
@@ -529,6 +534,30 @@ class GalleryIndex:
         codes = torch.where(idx >= 0, self._codes[idx.clamp_min(0)], torch.full_like(idx, -1))
         return self._result(scores, idx, codes)
 
+    def _k_reciprocal_side(self, settings: KReciprocal, chunk_size: int) -> KReciprocalGallery:
+        """The gallery side of k-reciprocal re-ranking on the searched rows, cached until an edit."""
+        key = ("k_reciprocal", settings, chunk_size)
+        if key not in self._cache:
+            rows, codes, _ = self._searchable()
+            warn_if_degenerate(codes)
+            self._cache[key] = KReciprocalGallery(rows, settings, chunk_size=chunk_size)
+        return self._cache[key]
+
+    def _k_reciprocal_search(self, queries: torch.Tensor, k: int, settings: KReciprocal,
+                             chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k labels by re-ranked score: ``(scores, row indices, codes)``, each (Q, k)."""
+        rows, row_codes, max_per_label = self._searchable()
+        side = self._k_reciprocal_side(settings, chunk_size)
+        unit_rows = F.normalize(rows.float(), dim=1)
+        block = max(1, chunk_size // max(1, rows.shape[0]))
+
+        def search(q: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+            parts = [torch.topk(side.rerank_scores(F.normalize(chunk.float(), dim=1) @ unit_rows.T), m, dim=1)
+                     for chunk in q.split(block)]
+            return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+
+        return label_topk(queries, search, row_codes, rows.shape[0], min(k, len(self._labels)), max_per_label)
+
     def recognize(
         self,
         query_embeddings: torch.Tensor | np.ndarray,
@@ -539,6 +568,7 @@ class GalleryIndex:
         nprobe: int | None = None,
         query_expansion: int = 0,
         qe_alpha: float = 3.0,
+        k_reciprocal: KReciprocal | None = None,
     ) -> RecognitionResult:
         """Open-set recognition: top-k labels per query and a prediction that is the best label,
         or :data:`UNKNOWN` (``'unknown'``) when its score is below ``threshold``.
@@ -555,18 +585,37 @@ class GalleryIndex:
                 references, or prototypes with ``'mean'``); 0 = off (the default: on one-shot
                 galleries it never changes the top-1 label, see ``benchmarks/RESULTS.md``).
             qe_alpha: the weight exponent of query expansion.
+            k_reciprocal: re-rank by k-reciprocal neighbours with these settings
+                (:mod:`recognite.gallery.k_reciprocal`; exact torch search over the searched
+                rows, whatever the backend; the gallery side is computed once and kept until the
+                gallery changes). The listed scores are then the re-ranked scores; the open-set
+                decision still compares the predicted row's cosine similarity with
+                ``threshold``, so calibrated thresholds keep their meaning. None = off.
 
         Returns:
             A :class:`RecognitionResult`; ``result[i]`` / ``result.to_records()`` give dicts.
         """
         check_int(query_expansion, "query_expansion", minimum=0)
+        if k_reciprocal is not None and not isinstance(k_reciprocal, KReciprocal):
+            raise TypeError(f"k_reciprocal must be a KReciprocal or None, got {type(k_reciprocal).__name__}")
         if query_expansion and len(self):
             queries = _as_embeddings(query_embeddings, "query_embeddings", self._dim, allow_vector=True)
             query_embeddings = rerank.query_expansion(queries, self._searchable()[0], k=query_expansion,
                                                       alpha=qe_alpha)
-        result = self.search(query_embeddings, k=k, chunk_size=chunk_size, nprobe=nprobe)
+        if k_reciprocal is None:
+            result = self.search(query_embeddings, k=k, chunk_size=chunk_size, nprobe=nprobe)
+            decision_scores = result.scores[:, 0]
+        else:
+            queries, k, chunk, _ = self._prepare_queries(query_embeddings, k, chunk_size, nprobe)
+            scores, idx, codes = self._k_reciprocal_search(queries, k, k_reciprocal, chunk)
+            rows = self._searchable()[0]
+            decision_scores = (F.normalize(queries.float(), dim=1)
+                               * F.normalize(rows[idx[:, 0].clamp_min(0)].float(), dim=1)).sum(dim=1)
+            if self._aggregation == "mean":
+                idx = torch.full_like(idx, -1)
+            result = self._result(scores, idx, codes)
         top1 = [row[0] if row else "" for row in result.labels]
-        predictions = open_set_predictions(top1, result.scores[:, 0], threshold)
+        predictions = open_set_predictions(top1, decision_scores, threshold)
         ref_ids = result.reference_ids if self._aggregation == "all" else None
         return RecognitionResult(
             predictions=predictions,

@@ -147,6 +147,19 @@ def create_app(
         mean = flat.reshape(stacked.shape[0], stacked.shape[1], -1).mean(dim=1)
         return torch.nn.functional.normalize(mean, dim=1) if normalize else mean
 
+    enrolment = bundle.enrolment_augmentation
+
+    async def embed_references(images: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, S, S)`` -> ``(N, K, D)`` gallery rows per image, as ``Bundle.embed_references``."""
+        if enrolment is None:
+            return (await embed(images)).unsqueeze(1)
+        stacked = torch.stack([make_views(image, enrolment.views) for image in images])
+        flat = (await batcher.embed(stacked.flatten(0, 1))).reshape(stacked.shape[0], stacked.shape[1], -1)
+        if enrolment.scoring == "max":
+            return flat
+        mean = flat.mean(dim=1)
+        return (torch.nn.functional.normalize(mean, dim=1) if normalize else mean).unsqueeze(1)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         await batcher.start()
@@ -275,7 +288,7 @@ def create_app(
         require_key(request, "enrolment")
         label = _check_label(label)
         _, ids, tensors = await read_images(images)
-        embeddings = await embed(tensors)
+        embeddings = await embed_references(tensors)
         try:
             outcome = await run_in_threadpool(store.enrol, label, embeddings, ids)
         except OSError as exc:

@@ -83,7 +83,8 @@ class GalleryStore:
         self._gallery = gallery
 
     def enrol(self, label: str, embeddings: torch.Tensor, ids: list[str]) -> dict[str, int]:
-        """Add ``(N, D)`` embeddings under ``label``; images already enrolled under it are skipped.
+        """Add ``(N, D)`` embeddings (or ``(N, K, D)``: ``K`` rows per image, its enrolment views)
+        under ``label``; images already enrolled under it are skipped.
 
         Returns:
             ``{"added", "skipped", "references"}`` (the label's references after the edit).
@@ -94,7 +95,10 @@ class GalleryStore:
             keep = [row for row, ref in enumerate(ids) if (ref, label) not in known and ref not in ids[:row]]
             if keep:
                 gallery = current.copy()
-                gallery.add(embeddings[keep], [label] * len(keep), ids=[ids[row] for row in keep])
+                rows = embeddings[keep]
+                per_image = rows.shape[1] if rows.dim() == 3 else 1
+                gallery.add(rows.flatten(0, 1) if rows.dim() == 3 else rows, [label] * (len(keep) * per_image),
+                            ids=[ids[row] for row in keep for _ in range(per_image)])
                 self._commit(gallery)
             return {"added": len(keep), "skipped": len(ids) - len(keep),
                     "references": self._gallery.label_counts().get(label, 0)}

@@ -2,8 +2,8 @@
 
 A :class:`ViewSpec` lists the views of a ``(C, S, S)`` network input: the image itself, shifts by
 a fraction of its side in the four directions, rescalings about its centre (zoom in: crop and
-resize; zoom out: shrink and pad with the border), and the horizontal mirror of each (only where
-training used flips). :class:`MakeViews` turns one input into ``(K, C, S, S)``;
+resize; zoom out: shrink and pad with the border), rotations about its centre (the border
+repeats the edge), and the horizontal mirror of each (only where training used flips). :class:`MakeViews` turns one input into ``(K, C, S, S)``;
 :func:`collate_views` and :func:`embeddings_of_views` batch them and average the K embeddings
 (re-normalized). The three-crop validation of :mod:`recognite.utils.three_crop` is the case "three
 crops along the long side" of the same mechanism (it goes through these two functions).
@@ -11,6 +11,7 @@ crops along the long side" of the same mechanism (it goes through these two func
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,11 @@ from torch import nn
 
 from recognite.utils.validate import InvalidTypeError, check_number
 
-__all__ = ["MakeViews", "ViewSpec", "collate_views", "embeddings_of_views", "make_views"]
+__all__ = ["ENROLMENT_SCORINGS", "EnrolmentAugmentation", "MakeViews", "ViewSpec", "collate_views",
+           "embeddings_of_views", "make_views"]
+
+#: How a reference enrolled as several views is scored: its best view, or their mean (prototype).
+ENROLMENT_SCORINGS = ("max", "mean")
 
 
 @dataclass(frozen=True)
@@ -33,11 +38,14 @@ class ViewSpec:
             right, up and down (the uncovered border repeats the edge pixels). 0 = none.
         scales: Rescalings about the centre (e.g. ``(0.9, 1.1)``), one view each; 1 is the image.
         hflip: Also the mirror image of every view (doubles K); only for models trained with flips.
+        rotations: Rotations about the centre in degrees, counter-clockwise (e.g. ``(-10, 10)``),
+            one view each.
     """
 
     shift: float = 0.0
     scales: tuple[float, ...] = ()
     hflip: bool = False
+    rotations: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         check_number(self.shift, "shift", minimum=0.0, maximum=0.5)
@@ -47,20 +55,57 @@ class ViewSpec:
                                                  for s in self.scales))
         if not isinstance(self.hflip, bool):
             raise InvalidTypeError(f"hflip must be True or False, got {self.hflip!r}")
+        if not isinstance(self.rotations, (tuple, list)):
+            raise InvalidTypeError(f"rotations must be a list of numbers, got {self.rotations!r}")
+        object.__setattr__(self, "rotations", tuple(check_number(r, "rotations", minimum=-180.0, maximum=180.0)
+                                                    for r in self.rotations))
 
     @property
     def num_views(self) -> int:
         """K: the number of views per image (1 = no augmentation)."""
-        return (1 + (4 if self.shift else 0) + len(self.scales)) * (2 if self.hflip else 1)
+        return (1 + (4 if self.shift else 0) + len(self.scales) + len(self.rotations)) * (2 if self.hflip else 1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shift": self.shift, "scales": list(self.scales), "hflip": self.hflip}
+        out: dict[str, Any] = {"shift": self.shift, "scales": list(self.scales), "hflip": self.hflip}
+        if self.rotations:  # written only when used: earlier bundles keep their bytes and digest
+            out["rotations"] = list(self.rotations)
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "the views") -> ViewSpec:
-        if not isinstance(data, dict) or set(data) - {"shift", "scales", "hflip"}:
-            raise ValueError(f"{source} must be a dict with keys shift, scales, hflip; got {data!r}")
-        return cls(shift=data.get("shift", 0.0), scales=tuple(data.get("scales", ())), hflip=data.get("hflip", False))
+        if not isinstance(data, dict) or set(data) - {"shift", "scales", "hflip", "rotations"}:
+            raise ValueError(f"{source} must be a dict with keys shift, scales, hflip, rotations; got {data!r}")
+        return cls(shift=data.get("shift", 0.0), scales=tuple(data.get("scales", ())), hflip=data.get("hflip", False),
+                   rotations=tuple(data.get("rotations", ())))
+
+
+@dataclass(frozen=True)
+class EnrolmentAugmentation:
+    """Enrolment augmentation: every reference enrolled as the views of ``views``.
+
+    Attributes:
+        views: The views of each reference image (a :class:`ViewSpec` with ``num_views > 1``).
+        scoring: ``'max'``: each view is a gallery row and a reference scores its best view;
+            ``'mean'``: one row per reference, the re-normalized mean of its views (a prototype).
+    """
+
+    views: ViewSpec
+    scoring: str = "max"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.views, ViewSpec) or self.views.num_views < 2:
+            raise ValueError(f"views must be a ViewSpec with at least 2 views, got {self.views!r}")
+        if self.scoring not in ENROLMENT_SCORINGS:
+            raise ValueError(f"scoring must be one of {ENROLMENT_SCORINGS}, got {self.scoring!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"views": self.views.to_dict(), "scoring": self.scoring}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "enrolment_augmentation") -> EnrolmentAugmentation:
+        if not isinstance(data, dict) or set(data) != {"views", "scoring"}:
+            raise ValueError(f"{source} must be a dict with keys views, scoring; got {data!r}")
+        return cls(ViewSpec.from_dict(data["views"], f"{source}.views"), data["scoring"])
 
 
 def _shifted(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
@@ -86,8 +131,22 @@ def _rescaled(img: torch.Tensor, scale: float) -> torch.Tensor:
     return F.pad(resized.unsqueeze(0), pad, mode="replicate").squeeze(0)
 
 
+def _rotated(img: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``img`` rotated counter-clockwise by ``degrees`` about its centre (bilinear; the border repeats the edge)."""
+    angle = math.radians(degrees)
+    cos, sin = math.cos(angle), math.sin(angle)
+    _, height, width = img.shape
+    # affine_grid maps output to input coordinates in [-1, 1]; the aspect ratio keeps the turn rigid
+    theta = torch.tensor([[cos, -sin * height / width, 0.0], [sin * width / height, cos, 0.0]],
+                         dtype=img.dtype if img.dtype.is_floating_point else torch.float32, device=img.device)
+    grid = F.affine_grid(theta.unsqueeze(0), [1, *img.shape], align_corners=False)
+    return F.grid_sample(img.unsqueeze(0).to(theta.dtype), grid, mode="bilinear", padding_mode="border",
+                         align_corners=False).squeeze(0).to(img.dtype)
+
+
 def make_views(img: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
-    """``(C, H, W)`` -> ``(K, C, H, W)``: the image, its shifts, its rescalings (then all mirrored).
+    """``(C, H, W)`` -> ``(K, C, H, W)``: the image, its shifts, its rescalings, its rotations
+    (then all mirrored).
 
     Example:
         >>> img = torch.arange(9.0).reshape(1, 3, 3)
@@ -102,6 +161,7 @@ def make_views(img: torch.Tensor, spec: ViewSpec) -> torch.Tensor:
         step = max(1, round(spec.shift * min(img.shape[1:])))
         views += [_shifted(img, dx, dy) for dx, dy in ((-step, 0), (step, 0), (0, -step), (0, step))]
     views += [_rescaled(img, scale) for scale in spec.scales]
+    views += [_rotated(img, degrees) for degrees in spec.rotations]
     if spec.hflip:
         views += [view.flip(-1) for view in views]
     return torch.stack(views)
