@@ -74,17 +74,25 @@ def train_background(background: pd.DataFrame, args: argparse.Namespace) -> tupl
     return out / "train" / "bundle", time.perf_counter() - start
 
 
-def embed(bundle_dir: Path, df: pd.DataFrame, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embeddings of ``df``'s images prepared as the bundle says (size, normalization, content crop)."""
+def embed(bundle_dir: Path, df: pd.DataFrame, args: argparse.Namespace, views: ViewSpec | None = None,
+          keep_views: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings of ``df``'s images prepared as the bundle says (size, normalization, content crop):
+    the mean over the views (``views``, default ``--tta-shift`` / ``--tta-scales``), or with
+    ``keep_views`` every view's embedding, ``(N, K, D)``."""
     bundle = load_bundle(bundle_dir, device=args.device)
     label_to_int = {label: i for i, label in enumerate(sorted(df["label"].unique()))}
     alphabet_to_int = {a: i for i, a in enumerate(sorted(df["alphabet"].unique()))}
-    views = ViewSpec(shift=args.tta_shift, scales=tuple(args.tta_scales), hflip=False)
+    if views is None:
+        views = ViewSpec(shift=args.tta_shift, scales=tuple(args.tta_scales), hflip=False)
     transform = bundle.transform if views.num_views == 1 else T.Compose([bundle.transform, MakeViews(views)])
     dataset = DataFrameDataset(df, "label", "image", label_to_int, transform)
     loader = DataLoader(dataset, batch_size=256 // views.num_views or 1, num_workers=args.num_workers)
     fn = None if views.num_views == 1 else (lambda model, batch: embeddings_of_views(model, batch))
+    if keep_views and views.num_views > 1:  # (B, K * D) through embed_loader, then (N, K, D)
+        fn = lambda model, batch: model(batch.flatten(0, 1)).reshape(batch.shape[0], -1)  # noqa: E731
     embeddings, labels = embed_loader(bundle.model, loader, device=args.device, get_embeddings_fn=fn)
+    if keep_views:
+        embeddings = embeddings.reshape(embeddings.shape[0], views.num_views, -1)
     groups = torch.tensor([alphabet_to_int[a] for a in df["alphabet"]])
     return embeddings, labels, groups
 

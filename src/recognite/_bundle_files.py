@@ -87,9 +87,10 @@ def check_config_digest(folder: Path, manifest: dict[str, Any]) -> None:
 def config_digest(manifest: dict[str, Any]) -> str:
     """SHA-256 of what in ``bundle.json`` changes predictions besides the threshold (which is
     range-checked instead): the model config, the preprocessing, the image size and the label
-    names, and the test-time and enrolment augmentations when the bundle has them, as canonical JSON."""
+    names, and the test-time and enrolment augmentations and the re-ranking when the bundle has
+    them, as canonical JSON."""
     covered = {key: manifest.get(key) for key in ("model", "preprocessing", "image_size", "label_names")}
-    for optional in ("test_time_augmentation", "enrolment_augmentation"):
+    for optional in ("test_time_augmentation", "enrolment_augmentation", "reranking"):
         if manifest.get(optional) is not None:  # covered when present: other bundles keep their digest
             covered[optional] = manifest[optional]
     return hashlib.sha256(json.dumps(covered, sort_keys=True, allow_nan=False).encode("utf-8")).hexdigest()

@@ -41,6 +41,7 @@ from recognite.model.recognizer import Recognizer, load_bundle_model
 from recognite.preprocessing import MAX_SIDE, Preprocessing
 from recognite.utils.device import resolve_device
 from recognite.utils.validate import check_cosine_threshold, check_int, check_threshold
+from recognite.utils.reranking import Reranking
 from recognite.utils.views import EnrolmentAugmentation, ViewSpec
 
 __all__ = [
@@ -80,6 +81,8 @@ class Bundle:
         enrolment_augmentation: How :meth:`embed_references` enrols each reference image
             (:class:`~recognite.utils.views.EnrolmentAugmentation`: its views, scored by the best
             one or their mean), or ``None`` (as a query).
+        reranking: The re-ranking ``recognize`` and ``evaluate`` apply
+            (:class:`~recognite.utils.reranking.Reranking`), or ``None``.
     """
 
     model: Recognizer
@@ -92,6 +95,7 @@ class Bundle:
     weights_sha256: str | None = None
     test_time_augmentation: ViewSpec | None = None
     enrolment_augmentation: EnrolmentAugmentation | None = None
+    reranking: Reranking | None = None
 
     @property
     def transform(self) -> Callable:
@@ -343,7 +347,9 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
         views = None if views is None else ViewSpec.from_dict(views, "test_time_augmentation")
         enrolment = manifest.get("enrolment_augmentation")
         enrolment = None if enrolment is None else EnrolmentAugmentation.from_dict(enrolment)
-    except ValueError as exc:
+        reranking = manifest.get("reranking")
+        reranking = None if reranking is None else Reranking.from_dict(reranking)
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"{source}: {exc}") from None
     model.to(resolve_device(device)).eval()
     return Bundle(
@@ -357,6 +363,7 @@ def load_bundle(path: str | os.PathLike, device: str | torch.device | None = Non
         weights_sha256=digest,
         test_time_augmentation=views,
         enrolment_augmentation=enrolment,
+        reranking=reranking,
     )
 
 
@@ -512,6 +519,23 @@ def write_enrolment_augmentation(bundle_dir: str | os.PathLike, augmentation: En
         manifest.pop("enrolment_augmentation", None)
     else:
         manifest["enrolment_augmentation"] = augmentation.to_dict()
+    manifest["config_sha256"] = config_digest(manifest)
+    atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    return folder
+
+
+def write_reranking(bundle_dir: str | os.PathLike, reranking: Reranking | None) -> Path:
+    """Store (or, with ``None`` or nothing active, remove) a bundle's re-ranking, atomically.
+
+    It changes what ``recognize`` and ``evaluate`` answer, so it is covered by ``config_sha256``,
+    which is recomputed.
+    """
+    folder = Path(bundle_dir).expanduser()
+    manifest = read_manifest(folder)
+    if reranking is None or not reranking.active:
+        manifest.pop("reranking", None)
+    else:
+        manifest["reranking"] = reranking.to_dict()
     manifest["config_sha256"] = config_digest(manifest)
     atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return folder

@@ -29,6 +29,7 @@ from recognite.embedding import (
 )
 from recognite.gallery import GalleryIndex
 from recognite.gallery.k_reciprocal import KReciprocal
+from recognite.utils.reranking import choose_reranking
 from recognite.utils.validate import check_cosine_threshold, check_int
 
 __all__ = [
@@ -235,9 +236,12 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
                      label_key: str = "label", batch_size: int = 64, num_workers: int = 0,
                      device: str | torch.device | None = "auto", progress: bool = False,
                      tta: bool = True, query_expansion: int = 0, qe_alpha: float = 3.0,
-                     k_reciprocal: KReciprocal | None = None) -> Recognitions:
-    """Embed query images (files, folders or CSVs) and answer the top-k labels or ``'unknown'``
-    (``query_expansion``, ``qe_alpha``, ``k_reciprocal``: as in :meth:`GalleryIndex.recognize`, off by default)."""
+                     k_reciprocal: KReciprocal | None = None, rerank: bool = True) -> Recognitions:
+    """Embed query images (files, folders or CSVs) and answer the top-k labels or ``'unknown'``.
+
+    ``query_expansion``, ``qe_alpha``, ``k_reciprocal``: as in :meth:`GalleryIndex.recognize`; when
+    none is asked for, the bundle's stored re-ranking applies unless ``rerank`` is False.
+    """
     top_k = check_int(top_k, "top_k", minimum=1)
     images = list_images(inputs, image_key=image_key, label_key=label_key)
     if not isinstance(gallery, GalleryIndex):
@@ -251,8 +255,10 @@ def recognize_images(bundle: Bundle | str | os.PathLike, gallery: GalleryIndex |
         threshold = bundle.threshold
     threshold = check_cosine_threshold(threshold)
     embeddings = _embed(bundle, images.paths, batch_size, num_workers, progress, tta)
-    result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe, query_expansion=query_expansion,
-                               qe_alpha=qe_alpha, k_reciprocal=k_reciprocal)
+    chosen = choose_reranking(bundle.reranking, rerank, query_expansion, qe_alpha, k_reciprocal)
+    result = gallery.recognize(embeddings, k=top_k, threshold=threshold, nprobe=nprobe,
+                               query_expansion=chosen.query_expansion, qe_alpha=chosen.qe_alpha,
+                               k_reciprocal=chosen.k_reciprocal)
     return Recognitions(records=_records(images, result), threshold=threshold, top_k=min(top_k, len(gallery.labels)),
                         sources=images.sources)
 

@@ -20,6 +20,7 @@ from recognite.gallery.k_reciprocal import (
     warn_if_degenerate,
 )
 from recognite.gallery.rerank import query_expansion as expand_queries
+from recognite.utils.reranking import choose_reranking
 from recognite.utils.validate import check_cosine_threshold, check_int
 
 __all__ = ["calibrate_bundle", "evaluate_bundle"]
@@ -115,6 +116,7 @@ def evaluate_bundle(
     query_expansion: int = 0,
     qe_alpha: float = 3.0,
     k_reciprocal: KReciprocal | None = None,
+    rerank: bool = True,
 ) -> dict[str, Any]:
     """Embed the gallery and query images with a bundle and compute every recognition metric.
 
@@ -150,6 +152,8 @@ def evaluate_bundle(
             (:mod:`recognite.gallery.k_reciprocal`), inside the bounded-memory engine; the
             open-set rates (``DIR``, ``FAR``) are then left out, because the threshold is a cosine
             similarity. Not with a multi-view enrolment (``'max'``). Episodes are not re-ranked.
+        rerank: When the call asks for no re-ranking, apply the bundle's stored one, if any
+            (False: none).
 
     Returns:
         Dict: ``num_gallery``, ``num_queries``, ``num_labels``, ``top1``, ``top5``/``top10`` and
@@ -169,9 +173,8 @@ def evaluate_bundle(
         threshold = bundle.threshold
     threshold = check_cosine_threshold(threshold)
     df_gallery, df_query = _split(data_csv, gallery_csv, num_refs, ref_seed, image_key, label_key)
-    check_int(query_expansion, "query_expansion", minimum=0)
-    if k_reciprocal is not None and not isinstance(k_reciprocal, KReciprocal):
-        raise TypeError(f"k_reciprocal must be a KReciprocal or None, got {type(k_reciprocal).__name__}")
+    chosen = choose_reranking(bundle.reranking, rerank, query_expansion, qe_alpha, k_reciprocal)
+    query_expansion, qe_alpha, k_reciprocal = chosen.query_expansion, chosen.qe_alpha, chosen.k_reciprocal
     augmentation = bundle.enrolment_augmentation if enrol else None
     if k_reciprocal is not None and augmentation is not None and augmentation.scoring == "max":
         raise ValueError("k_reciprocal re-ranks one row per gallery item: it cannot be combined with the bundle's "
@@ -182,13 +185,13 @@ def evaluate_bundle(
     queries = embs[1]
     if query_expansion:
         queries = expand_queries(queries, gallery.flatten(0, -2), k=query_expansion, alpha=qe_alpha)
-    rerank = None
+    rescore = None
     if k_reciprocal is not None:
         warn_if_degenerate(labels[0])
-        rerank = KReciprocalGallery(gallery, k_reciprocal).rerank_scores
+        rescore = KReciprocalGallery(gallery, k_reciprocal).rerank_scores
     ks = tuple(k for k in (1, 5, 10) if k <= len(set(labels[0].tolist()))) or (1,)
     summary = summary_metrics(queries, labels[1], gallery, labels[0], metric="cosine", ks=ks,
-                              threshold=None if rerank is not None else threshold, calibrate=False, rerank=rerank)
+                              threshold=None if rescore is not None else threshold, calibrate=False, rerank=rescore)
     metrics: dict[str, Any] = {"num_gallery": len(df_gallery), "num_queries": len(df_query), "num_labels": len(names),
                                **summary.metrics}
     if episodes:

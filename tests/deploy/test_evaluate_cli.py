@@ -116,3 +116,32 @@ def _evaluate(bundle, csv):
     from recognite.gallery.k_reciprocal import KReciprocal
 
     return evaluate_bundle(bundle, csv, k_reciprocal=KReciprocal())
+
+
+def test_a_bundle_stores_its_re_ranking_and_calls_follow_or_switch_it_off(tmp_path, labelled_csv, capsys):
+    from recognite.evaluate import evaluate_bundle
+    from recognite.gallery.k_reciprocal import KReciprocal
+    from recognite.utils.reranking import Reranking
+
+    bundle_dir = save_bundle(make_model(), tmp_path / "bundle", image_size=IMAGE_SIZE)
+    digest = json.loads((bundle_dir / "bundle.json").read_text())["config_sha256"]
+    assert main(["calibrate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--store-reranking",
+                 "--k-reciprocal", "--k1", "3", "--k2", "2", "--no-progress", "--device", "cpu"]) == 0
+    bundle = load_bundle(bundle_dir, device="cpu")  # the recomputed config_sha256 holds
+    assert bundle.reranking == Reranking(k_reciprocal=KReciprocal(k1=3, k2=2))
+    stored = evaluate_bundle(bundle, labelled_csv, num_refs=2)
+    explicit = evaluate_bundle(bundle, labelled_csv, num_refs=2, k_reciprocal=KReciprocal(k1=3, k2=2), rerank=False)
+    plain = evaluate_bundle(bundle, labelled_csv, num_refs=2, rerank=False)
+    assert stored["mAP"] == explicit["mAP"] and "FAR" not in stored
+    qe = evaluate_bundle(bundle, labelled_csv, num_refs=2, query_expansion=1)  # the call's own replaces the bundle's
+    assert qe["mAP"] == evaluate_bundle(bundle, labelled_csv, num_refs=2, query_expansion=1, rerank=False)["mAP"]
+    out = tmp_path / "off.json"
+    assert main(["evaluate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--num-refs", "2",
+                 "--no-rerank", "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
+    assert json.loads(out.read_text())["mAP"] == pytest.approx(plain["mAP"])
+    assert main(["calibrate", "--bundle", str(bundle_dir), "--data-csv", str(labelled_csv), "--store-reranking",
+                 "--no-progress", "--device", "cpu"]) == 0
+    manifest = json.loads((bundle_dir / "bundle.json").read_text())
+    assert "reranking" not in manifest and manifest["config_sha256"] == digest
+    with pytest.raises(ValueError, match="keys"):
+        Reranking.from_dict({"qe": 1})

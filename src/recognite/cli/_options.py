@@ -81,6 +81,9 @@ def add_reranking(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kr-lambda", type=float, default=0.3,
                    help="k-reciprocal: weight of the original distance (default: 0.3).")
     g.add_argument("--kr-top-n", type=int, default=100, help="k-reciprocal: candidates re-ranked (default: 100).")
+    g.add_argument("--rerank", action=argparse.BooleanOptionalAction, default=True,
+                   help="When no re-ranking option is given, apply the bundle's stored re-ranking, if any "
+                        "(--no-rerank: none).")
 
 
 def reranking_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,7 +93,8 @@ def reranking_values(args: argparse.Namespace) -> dict[str, Any]:
     k_reciprocal = None
     if args.k_reciprocal:
         k_reciprocal = KReciprocal(k1=args.k1, k2=args.k2, lambda_value=args.kr_lambda, top_n=args.kr_top_n)
-    return {"query_expansion": args.query_expansion, "qe_alpha": args.qe_alpha, "k_reciprocal": k_reciprocal}
+    return {"query_expansion": args.query_expansion, "qe_alpha": args.qe_alpha, "k_reciprocal": k_reciprocal,
+            "rerank": args.rerank}
 
 
 def add_csv_keys(p: argparse.ArgumentParser) -> None:

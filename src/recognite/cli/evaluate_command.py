@@ -121,6 +121,15 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         write_test_time_augmentation(args.bundle, views)
         print(f"test-time views  {views.num_views} per image (shift {views.shift}, scales {list(views.scales)}, "
               f"rotations {list(views.rotations)}, hflip {views.hflip})")
+    if args.store_reranking:
+        from recognite.bundle import write_reranking
+        from recognite.utils.reranking import Reranking
+
+        values = reranking_values(args)
+        values.pop("rerank")
+        stored = Reranking(**values)
+        write_reranking(args.bundle, stored)
+        print("re-ranking  " + (json.dumps(stored.to_dict()) if stored.active else "none"))
     enrol_options = (args.enrol_shift, args.enrol_scales, args.enrol_rotations, args.enrol_hflip, args.enrol_scoring)
     if any(option is not None for option in enrol_options):
         _write_enrolment(args)
@@ -171,6 +180,10 @@ def _register_calibrate(sub: argparse._SubParsersAction) -> None:
     enrol.add_argument("--enrol-scoring", choices=("max", "mean"), default=None,
                        help="max: a reference scores its best view (one gallery row per view); mean: one row, "
                             "the mean of its views (default: max).")
+    add_reranking(p)
+    p.add_argument("--store-reranking", action="store_true",
+                   help="Store the re-ranking options given (--query-expansion, --k-reciprocal ...; none = remove) in "
+                        "the bundle: recognize and evaluate then apply them unless told --no-rerank.")
     add_csv_keys(p)
     add_loading(p)
     add_enrolment(p)

@@ -32,54 +32,18 @@ so the sets say little about the label; :func:`warn_if_degenerate` says so.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
 from recognite.gallery._search import exact_topk
-from recognite.utils.validate import check_int, check_number
+from recognite.utils.reranking import KReciprocal
+from recognite.utils.validate import check_int
 
 __all__ = ["KReciprocal", "KReciprocalGallery", "warn_if_degenerate"]
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_CHUNK = 16 * 1024**2  # scores (or gathered entries) per block
-
-
-@dataclass(frozen=True)
-class KReciprocal:
-    """Settings of k-reciprocal re-ranking (Zhong et al.'s defaults).
-
-    Attributes:
-        k1: neighbours of the reciprocal sets (``k1 + 1`` items, the item itself included).
-        k2: neighbours averaged in the local query expansion of the sets (the item included).
-        lambda_value: weight of the original distance in the final one (0 = Jaccard only;
-            1 = no re-ranking).
-        top_n: candidates re-ranked per query (the rest keep their order below them).
-    """
-
-    k1: int = 20
-    k2: int = 6
-    lambda_value: float = 0.3
-    top_n: int = 100
-
-    def __post_init__(self) -> None:
-        check_int(self.k1, "k1", minimum=1)
-        check_int(self.k2, "k2", minimum=1)
-        check_number(self.lambda_value, "lambda_value", minimum=0.0, maximum=1.0)
-        check_int(self.top_n, "top_n", minimum=1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"k1": self.k1, "k2": self.k2, "lambda_value": self.lambda_value, "top_n": self.top_n}
-
-    @classmethod
-    def from_dict(cls, data: Any, source: str = "k_reciprocal") -> KReciprocal:
-        allowed = {"k1", "k2", "lambda_value", "top_n"}
-        if not isinstance(data, dict) or set(data) - allowed:
-            raise ValueError(f"{source} must be a dict with keys {sorted(allowed)}; got {data!r}")
-        return cls(**data)
 
 
 def warn_if_degenerate(labels: torch.Tensor) -> bool:
@@ -199,7 +163,9 @@ class KReciprocalGallery:
             sims = (unit[rows] @ unit.T).gather(1, members.clamp_max(num - 1))
             weights = torch.where(valid, torch.exp(sims - 1.0), 0.0)
             plain.append((members, weights / weights.sum(dim=1, keepdim=True)))
-        self.plain_idx, self.plain_val = _pad_cat(plain, num)  # V: (G, M)
+        self.plain_idx, self.plain_val = _pad_cat(plain, num)  # V: (G, M), members sorted, padding last
+        used = max(1, int((self.plain_idx < num).sum(dim=1).max()))
+        self.plain_idx, self.plain_val = self.plain_idx[:, :used].contiguous(), self.plain_val[:, :used].contiguous()
         if k2 == 1:
             self.idx, self.val = self.plain_idx, self.plain_val
         else:  # local query expansion: the mean of V over each item's k2 nearest
