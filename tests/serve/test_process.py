@@ -74,7 +74,7 @@ def test_the_web_page_recognises_and_enrols(server, tmp_path):
 
         def until(condition, what: str) -> None:
             try:
-                WebDriverWait(browser, 30).until(lambda b: condition())
+                WebDriverWait(browser, 90).until(lambda b: condition())
             except Exception:  # noqa: BLE001 - report what the page showed
                 shown = {name: browser.find_element(By.ID, name).text for name in ("status", "decision", "error", "enrolled")}
                 raise AssertionError(f"the page never showed {what}; it shows {shown}") from None
