@@ -66,6 +66,10 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--combine", action="store_true",
+                        help="also a row with the first --views set on the queries and the first --enrol set (best "
+                             "view) on the references")
+    parser.add_argument("--num-refs", type=int, default=1, help="gallery references per character (full-gallery columns)")
     args = parser.parse_args()
     background, evaluation = omniglot.load_omniglot(args.root, None)
     if args.held_out:
@@ -73,7 +77,7 @@ def main() -> None:
                                               seed=TrainConfig.__dataclass_fields__["fold_seed"].default)
     where = "held-out background characters" if args.held_out else "evaluation alphabets"
     eval_df = evaluation.assign(index=range(len(evaluation)))
-    df_gallery, df_query = split_gallery_query(eval_df, num_refs=1, seed=args.seed)
+    df_gallery, df_query = split_gallery_query(eval_df, num_refs=args.num_refs, seed=args.seed)
     g, q = torch.tensor(df_gallery["index"].to_numpy()), torch.tensor(df_query["index"].to_numpy())
 
     def embed(shift: float, scales: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -146,6 +150,16 @@ def main() -> None:
               f"{gallery(base[q], views[g], labels)} | {ms:.1f} per reference |", flush=True)
         print(f"| {name}, mean | {episodes(base, labels, groups, mean.unsqueeze(1), 'mean')} | "
               f"{gallery(base[q], mean[g], labels)} | {ms:.1f} per reference |", flush=True)
+    if args.combine and args.views and args.enrol:
+        shift, scales = _views(args.views[0])
+        queries, _, _, _ = embed(shift, scales)
+        spec = _enrol_views(args.enrol[0])
+        views, _, _ = omniglot.embed(args.bundle, evaluation, argparse.Namespace(
+            tta_shift=0.0, tta_scales=[], num_workers=args.num_workers, device=args.device), views=spec, keep_views=True)
+        views = torch.nn.functional.normalize(views, dim=2)
+        print(f"| test-time views {args.views[0]} on queries + enrolment views {args.enrol[0]} (best view) | "
+              f"{episodes(queries, labels, groups, views, 'max')} | {gallery(queries[q], views[g], labels)} | |",
+              flush=True)
 
 
 if __name__ == "__main__":

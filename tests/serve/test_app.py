@@ -227,3 +227,30 @@ def test_a_bundle_with_test_time_views_is_served_with_them(bundle_dir, tmp_path)
     plain_gallery = GalleryIndex()
     plain_gallery.add(plain[:2], ["red", "stripes"])
     assert float(plain_gallery.recognize(plain[2:], k=1).scores[0, 0]) != pytest.approx(float(expected.scores[0, 0]), abs=1e-5)
+
+
+def test_a_bundle_with_enrolment_views_enrols_each_image_as_its_views(bundle_dir, tmp_path):
+    import shutil
+
+    from recognite.bundle import write_enrolment_augmentation
+    from recognite.utils.views import EnrolmentAugmentation, ViewSpec
+
+    folder = tmp_path / "enrol_bundle"
+    shutil.copytree(bundle_dir, folder)
+    write_enrolment_augmentation(folder, EnrolmentAugmentation(ViewSpec(rotations=(-10.0, 10.0)), "max"))
+    app = create_app(folder, tmp_path / "g.safetensors", ServeSettings(api_key=API_KEY), device="cpu")
+    with TestClient(app) as test_client:
+        added = test_client.post("/v1/gallery/red", files=files(("r.png", png_bytes(red()))), headers=AUTH).json()
+        again = test_client.post("/v1/gallery/red", files=files(("r.png", png_bytes(red()))), headers=AUTH).json()
+        body = test_client.post("/v1/recognize", files=files(("n.png", png_bytes(noise()))), data={"top_k": "1"}).json()
+    assert added["added"] == 1 and again["added"] == 0  # one image (3 rows), not enrolled twice
+    gallery = GalleryIndex.load(tmp_path / "g.safetensors")
+    assert len(gallery) == 3 and len(set(gallery.ids)) == 1
+    bundle = load_bundle(folder)
+    Image.fromarray(red()).save(tmp_path / "r.png")
+    Image.fromarray(noise()).save(tmp_path / "n.png")
+    rows = bundle.embed_references([str(tmp_path / "r.png")])[0]  # the library's enrolment
+    torch.testing.assert_close(gallery.embeddings, torch.nn.functional.normalize(rows, dim=1), atol=1e-5, rtol=1e-5)
+    query = bundle.embed([str(tmp_path / "n.png")])
+    best = float((torch.nn.functional.normalize(query, dim=1) @ gallery.embeddings.T).max())
+    assert body["results"][0]["top_k"][0]["score"] == pytest.approx(best, abs=1e-5)
