@@ -496,12 +496,19 @@ def write_test_time_augmentation(bundle_dir: str | os.PathLike, views: ViewSpec 
     is recomputed; calibrate the threshold again afterwards (``recognite calibrate``), on
     embeddings made the same way.
     """
+    return _write_covered_entry(bundle_dir, "test_time_augmentation",
+                                None if views is None or views.num_views == 1 else views.to_dict())
+
+
+def _write_covered_entry(bundle_dir: str | os.PathLike, key: str, value: dict[str, Any] | None) -> Path:
+    """Set (or, with ``None``, remove) an entry of ``bundle.json`` that ``config_sha256`` covers,
+    recompute the digest and write the manifest atomically."""
     folder = Path(bundle_dir).expanduser()
     manifest = read_manifest(folder)
-    if views is None or views.num_views == 1:
-        manifest.pop("test_time_augmentation", None)
+    if value is None:
+        manifest.pop(key, None)
     else:
-        manifest["test_time_augmentation"] = views.to_dict()
+        manifest[key] = value
     manifest["config_sha256"] = config_digest(manifest)
     atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return folder
@@ -513,15 +520,8 @@ def write_enrolment_augmentation(bundle_dir: str | os.PathLike, augmentation: En
     It changes the gallery rows the bundle enrols, so it is covered by ``config_sha256``, which is
     recomputed; galleries built before keep their rows until they are built again.
     """
-    folder = Path(bundle_dir).expanduser()
-    manifest = read_manifest(folder)
-    if augmentation is None:
-        manifest.pop("enrolment_augmentation", None)
-    else:
-        manifest["enrolment_augmentation"] = augmentation.to_dict()
-    manifest["config_sha256"] = config_digest(manifest)
-    atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-    return folder
+    return _write_covered_entry(bundle_dir, "enrolment_augmentation",
+                                None if augmentation is None else augmentation.to_dict())
 
 
 def write_reranking(bundle_dir: str | os.PathLike, reranking: Reranking | None) -> Path:
@@ -530,15 +530,8 @@ def write_reranking(bundle_dir: str | os.PathLike, reranking: Reranking | None) 
     It changes what ``recognize`` and ``evaluate`` answer, so it is covered by ``config_sha256``,
     which is recomputed.
     """
-    folder = Path(bundle_dir).expanduser()
-    manifest = read_manifest(folder)
-    if reranking is None or not reranking.active:
-        manifest.pop("reranking", None)
-    else:
-        manifest["reranking"] = reranking.to_dict()
-    manifest["config_sha256"] = config_digest(manifest)
-    atomic_write_text(folder / BUNDLE_FILE, json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-    return folder
+    return _write_covered_entry(bundle_dir, "reranking",
+                                None if reranking is None or not reranking.active else reranking.to_dict())
 
 
 def _json_safe(value: Any) -> Any:

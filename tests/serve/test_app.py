@@ -254,3 +254,31 @@ def test_a_bundle_with_enrolment_views_enrols_each_image_as_its_views(bundle_dir
     query = bundle.embed([str(tmp_path / "n.png")])
     best = float((torch.nn.functional.normalize(query, dim=1) @ gallery.embeddings.T).max())
     assert body["results"][0]["top_k"][0]["score"] == pytest.approx(best, abs=1e-5)
+
+
+def test_a_bundle_with_stored_re_ranking_is_served_with_it(bundle_dir, tmp_path):
+    import shutil
+
+    from recognite.bundle import write_reranking
+    from recognite.gallery.k_reciprocal import KReciprocal
+    from recognite.utils.reranking import Reranking
+
+    folder = tmp_path / "rerank_bundle"
+    shutil.copytree(bundle_dir, folder)
+    settings = KReciprocal(k1=2, k2=1, top_n=3)
+    write_reranking(folder, Reranking(k_reciprocal=settings))
+    app = create_app(folder, tmp_path / "g.safetensors", ServeSettings(api_key=API_KEY), device="cpu")
+    images = {"r": red(), "s": stripes(), "n": noise()}
+    with TestClient(app) as test_client:
+        for label in ("red", "red2"):
+            test_client.post(f"/v1/gallery/{label}", files=files((f"{label}.png", png_bytes(images["r"]))), headers=AUTH)
+        test_client.post("/v1/gallery/stripes", files=files(("s.png", png_bytes(images["s"]))), headers=AUTH)
+        body = test_client.post("/v1/recognize", files=files(("n.png", png_bytes(images["n"]))), data={"top_k": "3"}).json()
+    gallery = GalleryIndex.load(tmp_path / "g.safetensors")
+    Image.fromarray(images["n"]).save(tmp_path / "n.png")
+    query = load_bundle(folder).embed([str(tmp_path / "n.png")])
+    expected = gallery.recognize(query, k=3, k_reciprocal=settings)
+    got = body["results"][0]["top_k"]
+    assert [entry["label"] for entry in got] == expected.labels[0]
+    assert [entry["score"] for entry in got] == pytest.approx(expected.scores[0].tolist(), abs=1e-5)
+    assert expected.scores[0].tolist() != pytest.approx(gallery.recognize(query, k=3).scores[0].tolist(), abs=1e-5)

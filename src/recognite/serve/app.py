@@ -8,6 +8,7 @@ page at ``/``. Errors are JSON ``{"error": {"status": ..., "message": ...}}``.
 """
 
 import contextlib
+import functools
 import hashlib
 import hmac
 import logging
@@ -148,6 +149,9 @@ def create_app(
         return torch.nn.functional.normalize(mean, dim=1) if normalize else mean
 
     enrolment = bundle.enrolment_augmentation
+    stored = bundle.reranking  # the bundle's re-ranking, as `recognite recognize` applies it
+    reranking = {} if stored is None else {"query_expansion": stored.query_expansion, "qe_alpha": stored.qe_alpha,
+                                           "k_reciprocal": stored.k_reciprocal}
 
     async def embed_references(images: torch.Tensor) -> torch.Tensor:
         """``(N, 3, S, S)`` -> ``(N, K, D)`` gallery rows per image, as ``Bundle.embed_references``."""
@@ -268,7 +272,7 @@ def create_app(
             results = [{"filename": name, "prediction": UNKNOWN, "accepted": False, "score": None, "top_k": []}
                        for name in names]
         else:
-            found = await run_in_threadpool(gallery_now.recognize, embeddings, k, cut)
+            found = await run_in_threadpool(functools.partial(gallery_now.recognize, embeddings, k, cut, **reranking))
             for position, name in enumerate(names):
                 record = found[position]
                 results.append({"filename": name, "prediction": record["prediction"],
