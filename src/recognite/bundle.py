@@ -496,8 +496,20 @@ def write_test_time_augmentation(bundle_dir: str | os.PathLike, views: ViewSpec 
     is recomputed; calibrate the threshold again afterwards (``recognite calibrate``), on
     embeddings made the same way.
     """
+    _check_flips(bundle_dir, views, "test-time views")
     return _write_covered_entry(bundle_dir, "test_time_augmentation",
                                 None if views is None or views.num_views == 1 else views.to_dict())
+
+
+def _check_flips(bundle_dir: str | os.PathLike, views: ViewSpec | None, what: str) -> None:
+    """Refuse mirrored views for a bundle whose training config records no horizontal flips."""
+    if views is None or not views.hflip:
+        return
+    train_config = (read_manifest(Path(bundle_dir).expanduser()).get("metadata") or {}).get("train_config") or {}
+    if float(train_config.get("hflip", 1.0) or 0.0) == 0.0:
+        raise ValueError(f"{what} with hflip=True: this bundle's model was trained without horizontal flips "
+                         f"(train_config hflip = {train_config.get('hflip')}), so mirror images are not the same "
+                         f"label to it (text, logos, characters). Leave hflip off.")
 
 
 def _write_covered_entry(bundle_dir: str | os.PathLike, key: str, value: dict[str, Any] | None) -> Path:
@@ -520,6 +532,7 @@ def write_enrolment_augmentation(bundle_dir: str | os.PathLike, augmentation: En
     It changes the gallery rows the bundle enrols, so it is covered by ``config_sha256``, which is
     recomputed; galleries built before keep their rows until they are built again.
     """
+    _check_flips(bundle_dir, None if augmentation is None else augmentation.views, "enrolment views")
     return _write_covered_entry(bundle_dir, "enrolment_augmentation",
                                 None if augmentation is None else augmentation.to_dict())
 

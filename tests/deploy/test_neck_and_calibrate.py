@@ -125,9 +125,11 @@ def test_calibrate_can_set_test_time_views_and_calibrates_with_them(neck_run, tm
     ).threshold
     assert bundle.threshold == pytest.approx(with_views, abs=1e-7)  # calibrated on the views' embeddings
     # --no-tta embeds each image alone; unset view options keep the bundle's; --views-shift 0 --views-scales removes
+    # the run trained without flips (hflip 0): mirrored views are refused, and nothing changes
     assert main(["calibrate", "--bundle", str(folder), "--data-csv", str(csv_file), "--views-hflip",
-                 "--no-progress", "--device", "cpu"]) == 0
-    assert load_bundle(folder, device="cpu").test_time_augmentation == ViewSpec(shift=0.1, scales=(0.9,), hflip=True)
+                 "--no-progress", "--device", "cpu"]) == 2
+    assert "trained without horizontal flips" in capsys.readouterr().err
+    assert load_bundle(folder, device="cpu").test_time_augmentation == ViewSpec(shift=0.1, scales=(0.9,))
     assert main(["calibrate", "--bundle", str(folder), "--data-csv", str(csv_file), "--views-shift", "0",
                  "--views-scales", "--no-views-hflip", "--no-progress", "--device", "cpu"]) == 0
     assert load_bundle(folder, device="cpu").test_time_augmentation is None

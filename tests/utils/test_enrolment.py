@@ -14,7 +14,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from recognite.bundle import load_bundle, save_bundle, write_enrolment_augmentation
-from recognite.eval import episode_accuracy, evaluate_embeddings, evaluate_scores, pairwise_scores
+from recognite.eval import (
+    episode_accuracy,
+    evaluate_embeddings,
+    evaluate_scores,
+    pairwise_scores,
+)
 from recognite.model import Recognizer
 from recognite.utils.views import EnrolmentAugmentation, ViewSpec, make_views
 
@@ -226,3 +231,20 @@ def test_evaluate_follows_the_bundle_and_can_switch_it_off(bundle_dir, tmp_path)
     assert got["top1"] == expected["accuracy"] and math.isclose(got["mAP"], expected["mAP"], rel_tol=1e-6)
     plain = evaluate_embeddings(queries, ql, bundle.embed(list(df_g["image"])), gl, ks=(1,))
     assert off["top1"] == plain["accuracy"] and math.isclose(off["mAP"], plain["mAP"], rel_tol=1e-6)
+
+
+def test_mirrored_views_are_refused_for_a_model_trained_without_flips(tmp_path):
+    from recognite.bundle import write_test_time_augmentation
+
+    torch.manual_seed(0)
+    model = Recognizer("resnet18").eval()
+    no_flips = save_bundle(model, tmp_path / "a", image_size=32, metadata={"train_config": {"hflip": 0.0}})
+    with pytest.raises(ValueError, match="trained without horizontal flips"):
+        write_test_time_augmentation(no_flips, ViewSpec(hflip=True))
+    with pytest.raises(ValueError, match="trained without horizontal flips"):
+        write_enrolment_augmentation(no_flips, EnrolmentAugmentation(ViewSpec(hflip=True)))
+    assert "test_time_augmentation" not in json.loads((no_flips / "bundle.json").read_text())  # nothing written
+    write_test_time_augmentation(no_flips, ViewSpec(shift=0.1))  # other views are fine
+    flips = save_bundle(model, tmp_path / "b", image_size=32, metadata={"train_config": {"hflip": 0.5}})
+    write_enrolment_augmentation(flips, EnrolmentAugmentation(ViewSpec(hflip=True)))
+    assert load_bundle(flips).enrolment_augmentation.views.hflip

@@ -32,6 +32,7 @@ so the sets say little about the label; :func:`warn_if_degenerate` says so.
 from __future__ import annotations
 
 import logging
+
 import torch
 import torch.nn.functional as F
 
