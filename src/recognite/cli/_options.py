@@ -69,8 +69,9 @@ def add_enrolment(p: argparse.ArgumentParser) -> None:
 
 
 def add_reranking(p: argparse.ArgumentParser) -> None:
-    """Re-ranking options (off unless asked for; see docs/accuracy.md)."""
-    g = p.add_argument_group("re-ranking", "Off by default: measured on Omniglot they did not help (benchmarks/RESULTS.md).")
+    """Re-ranking options (off unless asked for; see docs/gallery.md)."""
+    g = p.add_argument_group("re-ranking", "Off by default: with one reference per label they did not help on Omniglot; "
+                             "with several per identity k-reciprocal re-ranking did (benchmarks/RESULTS.md).")
     g.add_argument("--query-expansion", type=int, default=0, metavar="K",
                    help="Re-rank by alpha query expansion with K gallery neighbours (default: 0, off).")
     g.add_argument("--qe-alpha", type=float, default=3.0, help="Weight exponent of query expansion (default: 3).")
