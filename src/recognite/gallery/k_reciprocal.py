@@ -153,7 +153,9 @@ class KReciprocalGallery:
         self.entry_score = (table_scores[:, k1] if num > k1
                             else torch.full((num,), float("-inf"), device=unit.device))
         self.half_table = table[:, :half]
-        block = max(1, min(num, chunk_size // max(1, num), chunk_size // max(1, width * width * half)))
+        members_width = width * (half + 1)  # the most members of an expanded set
+        block = max(1, min(num, chunk_size // max(1, width * width * half),
+                           chunk_size // max(1, members_width * unit.shape[1])))
         self.half_mask = torch.cat([_reciprocal(self.half_table, rows)
                                     for rows in torch.arange(num, device=unit.device).split(block)])
         plain = []
@@ -161,7 +163,8 @@ class KReciprocalGallery:
             mutual = _reciprocal(table, rows)
             members = _accepted(table[rows], mutual, self.half_table, self.half_mask, num)
             valid = members < num
-            sims = (unit[rows] @ unit.T).gather(1, members.clamp_max(num - 1))
+            # only the similarities to the members: (B, M) from (B, M, D) gathered rows
+            sims = torch.einsum("bd,bmd->bm", unit[rows], unit[members.clamp_max(num - 1)])
             weights = torch.where(valid, torch.exp(sims - 1.0), 0.0)
             plain.append((members, weights / weights.sum(dim=1, keepdim=True)))
         self.plain_idx, self.plain_val = _pad_cat(plain, num)  # V: (G, M), members sorted, padding last
