@@ -64,9 +64,8 @@ def _embed(bundle: Bundle, paths: Sequence[str], batch_size: int, num_workers: i
 def _embed_references(bundle: Bundle, paths: Sequence[str], labels: Sequence[str], batch_size: int,
                       num_workers: int, progress: bool, tta: bool, enrol: bool) -> tuple[torch.Tensor, list[str], list[str]]:
     """Gallery rows of reference images: ``(N * K, D)`` embeddings, their labels and ids (each
-    image's path, repeated for its ``K`` views under the bundle's enrolment augmentation)."""
-    check_int(batch_size, "batch_size", minimum=1)
-    check_int(num_workers, "num_workers", minimum=0)
+    image's path, repeated for its ``K`` views under the bundle's enrolment augmentation).
+    ``batch_size`` / ``num_workers`` are checked by :func:`recognite.embedding.embed_images`."""
     views = bundle.embed_references(paths, batch_size=batch_size, num_workers=num_workers, progress=progress,
                                     tta=tta, enrol=enrol)
     k = views.shape[1]
