@@ -66,15 +66,16 @@ def check_scores(
     return scores, gallery_labels, query_labels
 
 
+NON_FINITE_MESSAGE = "scores must be finite; found NaN or infinite values (check the embeddings)"
+
+
 def check_finite(scores_chunk: torch.Tensor) -> None:
     """Raise ``ValueError`` if a score chunk holds NaN or infinite values."""
     total = scores_chunk.sum()  # one read; finite for any finite chunk unless it overflows
     if bool(torch.isfinite(total)):
         return
     if not bool(torch.isfinite(scores_chunk).all()):
-        raise ValueError(
-            "scores must be finite; found NaN or infinite values (check the embeddings)"
-        )
+        raise ValueError(NON_FINITE_MESSAGE)
 
 
 def check_k(k: Any, name: str = "k") -> int:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ._checks import check_finite, rows_per_chunk
+from ._rows_cpu import NO_RANK, cpu_chunk_stats
 
 _NEG_INF = float("-inf")
 _POS_INF = float("inf")
@@ -36,8 +37,6 @@ _MAX_COUNTED_POSITIVES = 32  # rows with more positives are sorted rather than c
 _MAX_TOPK_DEPTH = 1024  # deeper rows with few positives are counted rather than sorted
 _BYTES_PER_ELEMENT_COUNTED = 8
 _BLOCK_BYTES = 8 * 1024**2  # rows of a pass are processed in blocks of about this size
-NO_RANK = torch.iinfo(torch.int64).max
-"""First-positive rank of a query without positives (never <= any k)."""  # values, indices, masks and counters per top-k element
 
 
 class LabelIndex:
@@ -447,8 +446,13 @@ def chunk_stats(
     need_max_neg: bool = True,
     need_first_rank: bool = True,
     workspace: Workspace | None = None,
+    backend: str = "auto",
 ) -> dict[str, object]:
     """All per-query statistics for one chunk of query rows ``scores (c, G)``.
+
+    CPU chunks run in :mod:`recognite.eval._rows_cpu` (NumPy blocks as work items of a thread
+    pool; identical results), other devices with the torch operations below. ``backend="torch"``
+    forces the torch operations (tests compare the two).
 
     With ``ranks=False`` only :func:`extreme_stats` is computed (no sorting at all).
     With ``curves=True`` every row's PR curve is added, flat (see :func:`_chunk_curves`):
@@ -456,6 +460,9 @@ def chunk_stats(
     ``curve_recalls`` ``(sum(curve_counts) + c,)``, ``curve_thresholds`` ``(sum(curve_counts),)``,
     and the max-F1 fields.
     """
+    if backend == "auto" and scores.device.type == "cpu":
+        return dict(cpu_chunk_stats(scores, label_index.sorted_labels, label_index.order, query_labels, ks,
+                                    ranks, curves, need_max_neg, need_first_rank))
     workspace = workspace if workspace is not None else Workspace()
     out: dict[str, object] = dict(
         extreme_stats(scores, label_index, query_labels, need_max_neg, need_first_rank, workspace)
@@ -532,6 +539,8 @@ def _count_deep_rows(
 
 def merge_chunks(parts: list[dict[str, object]]) -> dict[str, object]:
     """Concatenate per-chunk statistics along dim 0 (flat curves stay in row order)."""
+    if len(parts) == 1:
+        return parts[0]
     merged: dict[str, object] = {}
     for key, first in parts[0].items():
         if isinstance(first, torch.Tensor):
@@ -552,8 +561,11 @@ def matrix_stats(
     need_max_neg: bool = True,
     need_first_rank: bool = True,
 ) -> dict[str, object]:
-    """:func:`chunk_stats` over row chunks of a full ``(Q, G)`` score matrix."""
-    chunk = rows_per_chunk(scores.shape[1], memory_budget)
+    """:func:`chunk_stats` over row chunks of a full ``(Q, G)`` score matrix.
+
+    On the CPU the whole matrix is one chunk: its passes already run in blocks of a few MB.
+    """
+    chunk = scores.shape[0] if scores.device.type == "cpu" else rows_per_chunk(scores.shape[1], memory_budget)
     label_index = LabelIndex(gallery_labels)
     workspace = Workspace()
     parts = [
