@@ -174,3 +174,14 @@ def test_run_blocks_keeps_block_order_and_honours_the_worker_count():
     assert np.concatenate([p["rows"] for p in parts]).tolist() == list(range(23))
     assert all(name.startswith("recognite-eval") for name in seen) and len(seen) == 6
     assert torch.get_num_threads() == threads_before  # the library never changes it
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_float32_curves_are_the_float64_curves_rounded_once(backend):
+    scores, gallery_labels, query_labels = _problem(6, torch.float32)
+    index = LabelIndex(gallery_labels)
+    wide = chunk_stats(scores, index, query_labels, curves=True, backend=backend)
+    narrow = chunk_stats(scores, index, query_labels, curves=True, backend=backend, curve_dtype=torch.float32)
+    for key in ("curve_precisions", "curve_recalls"):
+        assert narrow[key].dtype == torch.float32
+        assert torch.equal(narrow[key], wide[key].to(torch.float32)), key

@@ -447,6 +447,7 @@ def chunk_stats(
     need_first_rank: bool = True,
     workspace: Workspace | None = None,
     backend: str = "auto",
+    curve_dtype: torch.dtype = torch.float64,
 ) -> dict[str, object]:
     """All per-query statistics for one chunk of query rows ``scores (c, G)``.
 
@@ -458,11 +459,13 @@ def chunk_stats(
     With ``curves=True`` every row's PR curve is added, flat (see :func:`_chunk_curves`):
     ``curve_counts`` ``(c,)`` points per row (without the end point), ``curve_precisions`` /
     ``curve_recalls`` ``(sum(curve_counts) + c,)``, ``curve_thresholds`` ``(sum(curve_counts),)``,
-    and the max-F1 fields.
+    and the max-F1 fields. Curve precisions and recalls are computed in float64 and returned in
+    ``curve_dtype`` (rounded once).
     """
     if backend == "auto" and scores.device.type == "cpu":
-        return dict(cpu_chunk_stats(scores, label_index.sorted_labels, label_index.order, query_labels, ks,
-                                    ranks, curves, need_max_neg, need_first_rank))
+        stats = cpu_chunk_stats(scores, label_index.sorted_labels, label_index.order, query_labels, ks,
+                                ranks, curves, need_max_neg, need_first_rank, curve_dtype=curve_dtype)
+        return _curves_in(stats, curve_dtype)
     workspace = workspace if workspace is not None else Workspace()
     out: dict[str, object] = dict(
         extreme_stats(scores, label_index, query_labels, need_max_neg, need_first_rank, workspace)
@@ -496,7 +499,15 @@ def chunk_stats(
     out.update(ap=ap, r_precision=r_precision, map_at_r=map_at_r, recall_hits=recall_hits)
     if curves:
         out.update(_chunk_curves(num_rows, curve_parts, scores.dtype, scores.device))
-    return out
+    return _curves_in(out, curve_dtype)
+
+
+def _curves_in(stats: dict, curve_dtype: torch.dtype) -> dict[str, object]:
+    """``stats`` with the curve precisions and recalls (when present) in ``curve_dtype``."""
+    for key in ("curve_precisions", "curve_recalls"):
+        if key in stats:
+            stats[key] = stats[key].to(curve_dtype)
+    return stats
 
 
 def _count_deep_rows(
@@ -560,6 +571,7 @@ def matrix_stats(
     curves: bool = False,
     need_max_neg: bool = True,
     need_first_rank: bool = True,
+    curve_dtype: torch.dtype = torch.float64,
 ) -> dict[str, object]:
     """:func:`chunk_stats` over row chunks of a full ``(Q, G)`` score matrix.
 
@@ -571,7 +583,7 @@ def matrix_stats(
     parts = [
         chunk_stats(
             scores[start : start + chunk], label_index, query_labels[start : start + chunk],
-            ks, memory_budget, ranks, curves, need_max_neg, need_first_rank, workspace,
+            ks, memory_budget, ranks, curves, need_max_neg, need_first_rank, workspace, curve_dtype=curve_dtype,
         )
         for start in range(0, scores.shape[0], chunk)
     ]

@@ -24,11 +24,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 import torch
 
 from ._checks import NON_FINITE_MESSAGE
+
+T = TypeVar("T")
 
 NO_RANK = int(np.iinfo(np.int64).max)
 """First-positive rank of a query without positives (never <= any k)."""
@@ -53,6 +56,7 @@ class RowInputs:
         curves: bool,
         need_max_neg: bool,
         need_first_rank: bool,
+        curve_dtype: type = np.float64,
     ) -> None:
         self.scores = scores
         self.sorted_labels = gallery_sorted_labels
@@ -63,6 +67,7 @@ class RowInputs:
         self.curves = curves
         self.need_max_neg = need_max_neg
         self.need_first_rank = need_first_rank
+        self.curve_dtype = curve_dtype
         self.fast_keys = scores.dtype == np.float32
         self._local = threading.local()
 
@@ -80,10 +85,8 @@ def block_rows(num_cols: int, itemsize: int, block_bytes: int = _BLOCK_BYTES) ->
     return max(1, block_bytes // (itemsize * max(1, num_cols)))
 
 
-def run_blocks(
-    work: Callable[[int, int], dict[str, np.ndarray]], num_rows: int, rows: int, workers: int
-) -> list[dict[str, np.ndarray]]:
-    """``work(start, stop)`` for consecutive blocks of ``rows`` rows, in block order.
+def run_blocks(work: Callable[[int, int], T], num_rows: int, rows: int, workers: int) -> list[T]:
+    """``work(start, stop)`` for consecutive blocks of ``rows`` rows; the results in block order.
 
     With ``workers > 1`` the blocks are work items of a pool of that many threads, each taking the
     next block as soon as it is free (dynamic distribution).
@@ -200,9 +203,10 @@ def block_stats(inputs: RowInputs, start: int, stop: int) -> dict[str, np.ndarra
     pos_keys.sort()  # by row, then by increasing score
     row_end = np.searchsorted(keys, np.arange(1, num_rows + 1, dtype=np.int64) << _ROW_SHIFT)
     pos_row_end = np.cumsum(num_pos)
-    out.update(_sorted_positives(keys, pos_keys, row_end, pos_row_end, num_pos, width, inputs.ks))
+    pos_at = np.searchsorted(keys, pos_keys, side="left")  # where each positive's tie group starts
+    out.update(_sorted_positives(pos_keys, pos_at, row_end, pos_row_end, num_pos, width, inputs.ks))
     if inputs.curves:
-        out.update(_curves(keys, pos_keys, row_end, pos_row_end, num_pos, distinct, block.dtype))
+        out.update(_curves(keys, pos_at, row_end, pos_row_end, num_pos, distinct, block.dtype, inputs.curve_dtype))
     return out
 
 
@@ -219,8 +223,8 @@ def _counted(
 
 
 def _sorted_positives(
-    keys: np.ndarray,
     pos_keys: np.ndarray,
+    pos_at: np.ndarray,
     row_end: np.ndarray,
     pos_row_end: np.ndarray,
     num_pos: np.ndarray,
@@ -229,7 +233,7 @@ def _sorted_positives(
 ) -> dict[str, np.ndarray]:
     """Per-positive counts from the sorted keys: items and positives scoring ``>=`` each positive."""
     pos_row = pos_keys >> _ROW_SHIFT
-    cnt = row_end[pos_row] - np.searchsorted(keys, pos_keys, side="left")
+    cnt = row_end[pos_row] - pos_at
     pos_cnt = pos_row_end[pos_row] - np.searchsorted(pos_keys, pos_keys, side="left")
     # slot 0 = the row's best positive: positions count down from the row's end
     slot = pos_row_end[pos_row] - 1 - np.arange(pos_keys.size)
@@ -244,48 +248,58 @@ def _sorted_positives(
 
 def _curves(
     keys: np.ndarray,
-    pos_keys: np.ndarray,
+    pos_at: np.ndarray,
     row_end: np.ndarray,
     pos_row_end: np.ndarray,
     num_pos: np.ndarray,
     distinct: np.ndarray | None,
     dtype: np.dtype,
+    curve_dtype: type,
 ) -> dict[str, np.ndarray]:
     """PR points of the block's rows with their end points, and each row's max-F1 point.
 
     The layout and values of ``_engine.curves_from_ranked`` followed by ``_engine._chunk_curves``.
+    ``pos_at``: each positive's position in ``keys`` (the start of its tie group).
     """
     num_rows = num_pos.size
     new_point = np.empty(keys.size, dtype=bool)
     new_point[:1] = True
     np.not_equal(keys[1:], keys[:-1], out=new_point[1:])
     kept = np.flatnonzero(new_point)
-    point_keys = keys if kept.size == keys.size else keys[kept]
+    no_ties = kept.size == keys.size
+    point_keys = keys if no_ties else keys[kept]
     row = point_keys >> _ROW_SHIFT
-    true_pos = (pos_row_end[row] - np.searchsorted(pos_keys, point_keys, side="left")).astype(np.float64)
+    # positives placed before each item (all earlier rows, and this row's lower scores)
+    below = np.zeros(keys.size + 1, dtype=np.int64)
+    np.cumsum(np.bincount(pos_at, minlength=keys.size)[: keys.size], out=below[1:])
+    true_pos = (pos_row_end[row] - (below[:-1] if no_ties else below[kept])).astype(np.float64)
     precision = true_pos / (row_end[row] - kept).astype(np.float64)
     recall = true_pos / num_pos[row].astype(np.float64)
     denom = precision + recall
-    f1 = np.where(denom > 0, 2 * precision * recall / np.where(denom > 0, denom, 1.0), 0.0)
+    f1 = np.zeros(kept.size)
+    np.divide(2 * precision * recall, denom, out=f1, where=denom > 0)
     ranks = point_keys & _SCORE_BITS
     thresholds = _float32_from_ranks(ranks) if distinct is None else distinct[ranks]
-    counts = np.bincount(row, minlength=num_rows)
+    point_end = row_end if no_ties else np.searchsorted(kept, row_end)
+    counts = np.diff(point_end, prepend=0)
     rows_with_points = np.flatnonzero(counts)
-    segment = (np.cumsum(counts) - counts)[rows_with_points]
     nan = np.full(num_rows, np.nan)
     best = {key: nan.copy() for key in ("max_f1", "p_at_max_f1", "r_at_max_f1")}
     t_best = np.full(num_rows, np.nan, dtype=dtype)
     if kept.size:
-        best_f1 = np.maximum.reduceat(f1, segment)
-        is_best = f1 == np.repeat(best_f1, counts[rows_with_points])
-        point = np.maximum.reduceat(np.where(is_best, np.arange(kept.size), -1), segment)  # highest threshold
+        best_f1 = np.maximum.reduceat(f1, (point_end - counts)[rows_with_points])
+        candidates = np.flatnonzero(f1 == np.repeat(best_f1, counts[rows_with_points]))
+        candidate_row = row[candidates]
+        last = np.ones(candidates.size, dtype=bool)  # the highest threshold among a row's equal F1
+        np.not_equal(candidate_row[1:], candidate_row[:-1], out=last[:-1])
+        point = candidates[last]
         best["max_f1"][rows_with_points] = best_f1
         best["p_at_max_f1"][rows_with_points] = precision[point]
         best["r_at_max_f1"][rows_with_points] = recall[point]
         t_best[rows_with_points] = thresholds[point]
     at = np.arange(kept.size) + row  # each earlier row adds its end point
-    curve_precisions = np.ones(kept.size + num_rows)
-    curve_recalls = np.zeros(kept.size + num_rows)
+    curve_precisions = np.ones(kept.size + num_rows, dtype=curve_dtype)  # float64 values rounded once
+    curve_recalls = np.zeros(kept.size + num_rows, dtype=curve_dtype)
     curve_precisions[at] = precision
     curve_recalls[at] = recall
     return {"curve_precisions": curve_precisions, "curve_recalls": curve_recalls,
@@ -305,17 +319,21 @@ def cpu_chunk_stats(
     need_first_rank: bool,
     block_bytes: int = _BLOCK_BYTES,
     workers: int | None = None,
+    curve_dtype: torch.dtype = torch.float64,
 ) -> dict[str, torch.Tensor]:
     """``_engine.chunk_stats`` for a CPU chunk ``scores (c, G)``: the same keys, dtypes and values.
 
     float16 / bfloat16 scores are widened to float32 (exactly) and the score-valued results
     narrowed back. ``workers`` defaults to ``torch.get_num_threads()`` (the caller's setting).
+    Curve precisions and recalls are float32 when ``curve_dtype`` is float32 (rounded once from
+    float64), else float64.
     """
     dtype = scores.dtype
     wide = scores if dtype in (torch.float32, torch.float64) else scores.float()
     inputs = RowInputs(
         wide.numpy(), gallery_sorted_labels.numpy(), gallery_order.numpy(), query_labels.numpy(),
         ks, ranks, curves, need_max_neg, need_first_rank,
+        np.float32 if curve_dtype == torch.float32 else np.float64,
     )
     rows = block_rows(wide.shape[1], wide.element_size(), block_bytes)
     workers = torch.get_num_threads() if workers is None else workers

@@ -65,7 +65,7 @@ def pr_metrics(
     scores, gallery_labels, query_labels = check_scores(scores, gallery_labels, query_labels)
     stats = matrix_stats(
         scores, gallery_labels, query_labels, (), _budget(memory_budget), ranks=True, curves=True,
-        need_max_neg=False, need_first_rank=False,
+        need_max_neg=False, need_first_rank=False, curve_dtype=scores.dtype,
     )
     ap: torch.Tensor = stats["ap"]  # type: ignore[assignment]
     num_pos: torch.Tensor = stats["num_pos"]  # type: ignore[assignment]

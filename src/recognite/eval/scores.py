@@ -16,6 +16,7 @@ from torch import nn
 from recognite.utils.device import resolve_device
 
 from ._checks import DEFAULT_MEMORY_BUDGET, as_labels, rows_per_chunk
+from ._rows_cpu import run_blocks
 
 __all__ = ["METRICS", "embed_loader", "pairwise_scores", "score_matrix"]
 
@@ -51,6 +52,10 @@ products of a few rows, so shorter chunks are zero-padded to this many rows; fro
 every row of a product has the same bits as in the full product (checked on this CPU for
 ``D`` 3-1000 and ``G`` 50-20001), so a query's scores do not depend on the chunk it is scored in.
 Longer chunks run as one product (splitting them into blocks was slower)."""
+
+
+PRODUCT_BLOCK_ROWS = 512
+"""Query rows per work item of a CPU score product (at least :data:`SCORE_BLOCK_ROWS`)."""
 
 
 def _blocked_matmul(rows: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,13 +145,21 @@ def pairwise_scores(
     """
     query_embs = _check_embeddings(query_embs, "query_embs")
     scorer = _GalleryScorer(gallery_embs, metric)
+    num_queries = query_embs.shape[0]
     chunk = rows_per_chunk(gallery_embs.shape[0], memory_budget)
-    if query_embs.shape[0] <= chunk:
+    workers = torch.get_num_threads()
+    on_cpu = gallery_embs.device.type == "cpu"
+    if num_queries <= chunk and not (on_cpu and workers > 1 and num_queries >= 2 * PRODUCT_BLOCK_ROWS):
         return scorer(query_embs)
-    scores = torch.empty(
-        (query_embs.shape[0], gallery_embs.shape[0]), dtype=gallery_embs.dtype, device=gallery_embs.device
-    )
-    for start in range(0, query_embs.shape[0], chunk):
+    scores = torch.empty((num_queries, gallery_embs.shape[0]), dtype=gallery_embs.dtype, device=gallery_embs.device)
+    if on_cpu:
+        # Blocks of rows taken by a pool of the caller's thread count: on a busy machine the thread
+        # sharing a core takes fewer (a single product waits for its slowest half).
+        rows = min(chunk, PRODUCT_BLOCK_ROWS)
+        run_blocks(lambda start, stop: scorer(query_embs[start:stop], out=scores[start:stop]), num_queries, rows,
+                   workers)
+        return scores
+    for start in range(0, num_queries, chunk):
         scorer(query_embs[start : start + chunk], out=scores[start : start + chunk])
     return scores
 
