@@ -56,6 +56,7 @@ def test_evaluate_matches_an_independent_computation(tmp_path, labelled_csv):
 
 def test_evaluate_bad_input_is_one_line(tmp_path, labelled_csv, capsys):
     bundle_dir = save_bundle(make_model(), tmp_path / "bundle", image_size=IMAGE_SIZE)
+    capsys.readouterr()  # the library's own log lines (an earlier CLI call may have set up logging)
     code = main(["evaluate", "--bundle", str(bundle_dir), "--data-csv", str(tmp_path / "missing.csv")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "missing.csv" in err[0]

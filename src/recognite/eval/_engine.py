@@ -385,10 +385,10 @@ def curves_from_ranked(group: RankedGroup, num_pos: torch.Tensor) -> dict[str, t
     row_num_pos = num_pos.index_select(0, row)
     # items / positives scoring >= the point: everything from the point to the row's end
     true_pos = (row_num_pos - (pos_before - pos_before_row)).double()
-    precision = true_pos / (group.depth.index_select(0, row) - (kept - row_start)).double()
+    retrieved = (group.depth.index_select(0, row) - (kept - row_start)).double()
+    precision = true_pos / retrieved
     recall = true_pos / row_num_pos.double()
-    denom = precision + recall
-    f1 = torch.where(denom > 0, 2 * precision * recall / torch.where(denom > 0, denom, 1.0), 0.0)
+    f1 = 2 * true_pos / (retrieved + row_num_pos.double())  # = 2PR / (P + R), rounded once
     best_f1 = torch.full((num_rows,), -1.0, dtype=torch.float64, device=device)
     best_f1.scatter_reduce_(0, row, f1, "amax")
     point = torch.arange(kept.numel(), device=device)

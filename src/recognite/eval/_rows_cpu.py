@@ -152,7 +152,9 @@ def block_stats(inputs: RowInputs, start: int, stop: int) -> dict[str, np.ndarra
     """Every requested statistic of the rows ``start:stop`` of the chunk (one work item)."""
     block = np.ascontiguousarray(inputs.scores[start:stop])
     num_rows, num_gallery = block.shape
-    if not np.isfinite(block.sum()) and not np.isfinite(block).all():  # one read when finite
+    with np.errstate(over="ignore", invalid="ignore"):  # a sum of large finite scores may overflow
+        total = block.sum()
+    if not np.isfinite(total) and not np.isfinite(block).all():  # one read when finite
         raise ValueError(NON_FINITE_MESSAGE)
     # Positives through the label index: (r, P) gallery indices, padding marked invalid.
     labels = inputs.query_labels[start:stop]
@@ -268,20 +270,18 @@ def _curves(
     kept = np.flatnonzero(new_point)
     no_ties = kept.size == keys.size
     point_keys = keys if no_ties else keys[kept]
-    row = point_keys >> _ROW_SHIFT
+    point_end = row_end if no_ties else np.searchsorted(kept, row_end)
+    counts = np.diff(point_end, prepend=0)  # points per row
     # positives placed before each item (all earlier rows, and this row's lower scores)
     below = np.zeros(keys.size + 1, dtype=np.int64)
     np.cumsum(np.bincount(pos_at, minlength=keys.size)[: keys.size], out=below[1:])
-    true_pos = (pos_row_end[row] - (below[:-1] if no_ties else below[kept])).astype(np.float64)
-    precision = true_pos / (row_end[row] - kept).astype(np.float64)
-    recall = true_pos / num_pos[row].astype(np.float64)
-    denom = precision + recall
-    f1 = np.zeros(kept.size)
-    np.divide(2 * precision * recall, denom, out=f1, where=denom > 0)
-    ranks = point_keys & _SCORE_BITS
-    thresholds = _float32_from_ranks(ranks) if distinct is None else distinct[ranks]
-    point_end = row_end if no_ties else np.searchsorted(kept, row_end)
-    counts = np.diff(point_end, prepend=0)
+    true_pos = (np.repeat(pos_row_end, counts) - (below[:-1] if no_ties else below[kept])).astype(np.float64)
+    retrieved = (np.repeat(row_end, counts) - kept).astype(np.float64)
+    row_num_pos = np.repeat(num_pos.astype(np.float64), counts)
+    precision = true_pos / retrieved
+    recall = true_pos / row_num_pos
+    f1 = 2 * true_pos / (retrieved + row_num_pos)  # = 2PR / (P + R), rounded once
+    thresholds = _float32_from_ranks(point_keys & _SCORE_BITS) if distinct is None else distinct[point_keys & _SCORE_BITS]
     rows_with_points = np.flatnonzero(counts)
     nan = np.full(num_rows, np.nan)
     best = {key: nan.copy() for key in ("max_f1", "p_at_max_f1", "r_at_max_f1")}
@@ -289,7 +289,7 @@ def _curves(
     if kept.size:
         best_f1 = np.maximum.reduceat(f1, (point_end - counts)[rows_with_points])
         candidates = np.flatnonzero(f1 == np.repeat(best_f1, counts[rows_with_points]))
-        candidate_row = row[candidates]
+        candidate_row = np.searchsorted(point_end, candidates, side="right")
         last = np.ones(candidates.size, dtype=bool)  # the highest threshold among a row's equal F1
         np.not_equal(candidate_row[1:], candidate_row[:-1], out=last[:-1])
         point = candidates[last]
@@ -297,7 +297,7 @@ def _curves(
         best["p_at_max_f1"][rows_with_points] = precision[point]
         best["r_at_max_f1"][rows_with_points] = recall[point]
         t_best[rows_with_points] = thresholds[point]
-    at = np.arange(kept.size) + row  # each earlier row adds its end point
+    at = np.arange(kept.size) + np.repeat(np.arange(num_rows), counts)  # each earlier row adds its end point
     curve_precisions = np.ones(kept.size + num_rows, dtype=curve_dtype)  # float64 values rounded once
     curve_recalls = np.zeros(kept.size + num_rows, dtype=curve_dtype)
     curve_precisions[at] = precision
