@@ -37,6 +37,7 @@ NO_RANK = int(np.iinfo(np.int64).max)
 """First-positive rank of a query without positives (never <= any k)."""
 
 _BLOCK_BYTES = 8 * 1024**2  # scores per work item (a block of rows; larger blocks pass the GIL less often)
+_CACHE_BYTES = 1024**2  # the part of a block that every pass reads while it is in the cache
 _ROW_SHIFT = 32  # keys: row << 32 | 32-bit rank of the score
 _SCORE_BITS = (1 << _ROW_SHIFT) - 1
 _SORT_COST = 16  # a picked item costs about as much as this many compared scores (sort, gather)
@@ -152,10 +153,6 @@ def block_stats(inputs: RowInputs, start: int, stop: int) -> dict[str, np.ndarra
     """Every requested statistic of the rows ``start:stop`` of the chunk (one work item)."""
     block = np.ascontiguousarray(inputs.scores[start:stop])
     num_rows, num_gallery = block.shape
-    with np.errstate(over="ignore", invalid="ignore"):  # a sum of large finite scores may overflow
-        total = block.sum()
-    if not np.isfinite(total) and not np.isfinite(block).all():  # one read when finite
-        raise ValueError(NON_FINITE_MESSAGE)
     # Positives through the label index: (r, P) gallery indices, padding marked invalid.
     labels = inputs.query_labels[start:stop]
     first = np.searchsorted(inputs.sorted_labels, labels, side="left")
@@ -169,20 +166,35 @@ def block_stats(inputs: RowInputs, start: int, stop: int) -> dict[str, np.ndarra
     max_pos = np.where(valid, pos_scores, -np.inf).max(axis=1)
     min_pos = np.where(valid, pos_scores, np.inf).min(axis=1)
     out = {"num_pos": num_pos, "num_neg": num_gallery - num_pos, "max_pos": max_pos, "min_pos": min_pos}
-    flags = inputs.buffer("flags", block.shape, np.dtype(bool))
-    if inputs.need_max_neg:
-        negatives = inputs.buffer("negatives", block.shape, block.dtype)
-        np.copyto(negatives, block)
+    # Every pass over the scores, a part of the block at a time while that part is in the CPU cache:
+    # the finiteness check, the copy for the negatives, the two comparisons.
+    flags = inputs.buffer("flags", block.shape, np.dtype(bool))  # items at or above the lowest positive
+    above_best = inputs.buffer("above_best", block.shape, np.dtype(bool)) if inputs.need_first_rank else None
+    negatives = inputs.buffer("negatives", block.shape, block.dtype) if inputs.need_max_neg else None
+    above = np.zeros(num_rows, dtype=np.int64)
+    step = block_rows(num_gallery, block.itemsize, _CACHE_BYTES)
+    for low in range(0, num_rows, step):
+        high = min(low + step, num_rows)
+        part = block[low:high]
+        with np.errstate(over="ignore", invalid="ignore"):  # a sum of large finite scores may overflow
+            total = part.sum()
+        if not np.isfinite(total) and not np.isfinite(part).all():  # one read when finite
+            raise ValueError(NON_FINITE_MESSAGE)
+        if negatives is not None:
+            np.copyto(negatives[low:high], part)
+        if above_best is not None:
+            above[low:high] = _row_counts(np.greater_equal(part, max_pos[low:high, None], out=above_best[low:high]))
+        if inputs.ranks:
+            np.greater_equal(part, min_pos[low:high, None], out=flags[low:high])
+    if negatives is not None:
         np.put_along_axis(negatives, pos_index, np.where(num_pos[:, None] > 0, -np.inf, pos_scores), 1)
         out["max_neg"] = np.where(num_gallery - num_pos > 0, negatives.max(axis=1), -np.inf).astype(block.dtype)
     if inputs.need_first_rank:
         # 1 + the negatives scoring >= the best positive = 1 + all such items - the tied positives.
         ties = np.count_nonzero(valid & (pos_scores >= max_pos[:, None]), axis=1)
-        above = _row_counts(np.greater_equal(block, max_pos[:, None], out=flags))
         out["first_rank"] = np.where(num_pos > 0, 1 + above - ties, NO_RANK)
     if not inputs.ranks:
         return out
-    np.greater_equal(block, min_pos[:, None], out=flags)  # the items at or above the lowest positive
     if not inputs.curves:
         depth = _row_counts(flags)
         if width * block.size < _SORT_COST * int(depth.sum()):  # deep rows, few positives: count
