@@ -464,7 +464,8 @@ def chunk_stats(
     """
     if backend == "auto" and scores.device.type == "cpu":
         stats = cpu_chunk_stats(scores, label_index.sorted_labels, label_index.order, query_labels, ks,
-                                ranks, curves, need_max_neg, need_first_rank, curve_dtype=curve_dtype)
+                                ranks, curves, need_max_neg, need_first_rank, curve_dtype=curve_dtype,
+                                memory_budget=memory_budget)
         return _curves_in(stats, curve_dtype)
     workspace = workspace if workspace is not None else Workspace()
     out: dict[str, object] = dict(

@@ -37,6 +37,7 @@ NO_RANK = int(np.iinfo(np.int64).max)
 """First-positive rank of a query without positives (never <= any k)."""
 
 _BLOCK_BYTES = 8 * 1024**2  # scores per work item (a block of rows; larger blocks pass the GIL less often)
+_TEMPORARY_PER_SCORE_BYTE = 12  # a block's temporaries (flags, copies, picked items, keys, curves)
 _CACHE_BYTES = 1024**2  # the part of a block that every pass reads while it is in the cache
 _ROW_SHIFT = 32  # keys: row << 32 | 32-bit rank of the score
 _SCORE_BITS = (1 << _ROW_SHIFT) - 1
@@ -332,13 +333,16 @@ def cpu_chunk_stats(
     block_bytes: int = _BLOCK_BYTES,
     workers: int | None = None,
     curve_dtype: torch.dtype = torch.float64,
+    memory_budget: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """``_engine.chunk_stats`` for a CPU chunk ``scores (c, G)``: the same keys, dtypes and values.
 
     float16 / bfloat16 scores are widened to float32 (exactly) and the score-valued results
     narrowed back. ``workers`` defaults to ``torch.get_num_threads()`` (the caller's setting).
     Curve precisions and recalls are float32 when ``curve_dtype`` is float32 (rounded once from
-    float64), else float64.
+    float64), else float64. With ``memory_budget``, blocks are made small enough that the workers'
+    temporaries together stay within it (about :data:`_TEMPORARY_PER_SCORE_BYTE` bytes per byte of
+    a block's scores, when every item is picked).
     """
     dtype = scores.dtype
     wide = scores if dtype in (torch.float32, torch.float64) else scores.float()
@@ -347,8 +351,10 @@ def cpu_chunk_stats(
         ks, ranks, curves, need_max_neg, need_first_rank,
         np.float32 if curve_dtype == torch.float32 else np.float64,
     )
-    rows = block_rows(wide.shape[1], wide.element_size(), block_bytes)
     workers = torch.get_num_threads() if workers is None else workers
+    if memory_budget is not None:
+        block_bytes = min(block_bytes, memory_budget // (max(1, workers) * _TEMPORARY_PER_SCORE_BYTE))
+    rows = block_rows(wide.shape[1], wide.element_size(), block_bytes)
     parts = run_blocks(lambda start, stop: block_stats(inputs, start, stop), wide.shape[0], rows, workers)
     out: dict[str, torch.Tensor] = {}
     for key in parts[0]:

@@ -75,9 +75,9 @@ def _blocked_matmul(rows: torch.Tensor, right: torch.Tensor, out: torch.Tensor |
 class _GalleryScorer:
     """Scores query chunks against a fixed gallery; gallery statistics are computed once.
 
-    ``cosine``: ``(q / |q|) @ (g / |g|).T`` (norms clamped at 1e-12, so zero vectors score 0); the
-    gallery is normalized once, so the product needs no second pass over the scores and a score
-    does not depend on which other queries share its chunk.
+    ``cosine``: ``(q / |q|) @ g.T / |g|`` (norms clamped at 1e-12, so zero vectors score 0). The
+    gallery norms are applied elementwise after the product (no normalized copy of a large
+    gallery is held), so a score does not depend on which other queries share its chunk.
     ``sq_euclid``: ``-(|q|^2 + |g|^2 - 2 q.g)`` clamped at 0; ``euclid``: ``-sqrt`` of that.
     No ``(Q, G, D)`` tensor is ever built.
     """
@@ -86,10 +86,10 @@ class _GalleryScorer:
         self.metric = check_metric(metric)
         self.gallery = _check_embeddings(gallery_embs, "gallery_embs")
         self.gallery_t = self.gallery.t()
+        self.inv_norms: torch.Tensor | None = None
         self.sq_norms: torch.Tensor | None = None
         if metric == "cosine":
-            unit = self.gallery / self.gallery.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            self.gallery_t = unit.t()
+            self.inv_norms = 1.0 / self.gallery.norm(dim=1).clamp_min(1e-12)
         if metric in ("euclid", "sq_euclid"):
             self.sq_norms = (self.gallery * self.gallery).sum(dim=1)
 
@@ -105,7 +105,7 @@ class _GalleryScorer:
             return _blocked_matmul(query_embs, self.gallery_t, out)
         if self.metric == "cosine":
             query_unit = query_embs / query_embs.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            return _blocked_matmul(query_unit, self.gallery_t, out)
+            return _blocked_matmul(query_unit, self.gallery_t, out).mul_(self.inv_norms)
         query_sq = (query_embs * query_embs).sum(dim=1, keepdim=True)
         products = _blocked_matmul(query_embs, self.gallery_t, out)
         sq_dist = products.mul_(-2.0).add_(query_sq).add_(self.sq_norms)
