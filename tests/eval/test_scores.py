@@ -163,3 +163,17 @@ def test_a_query_scores_the_same_bits_in_any_chunk(dim):
         full = scorer(queries)
         for start, size in ((7, 1), (0, 5), (10, 63), (3, 64), (100, 130)):
             assert torch.equal(scorer(queries[start:start + size]), full[start:start + size]), (metric, size)
+
+
+@pytest.mark.parametrize("metric", ["inner", "cosine", "sq_euclid"])
+def test_pooled_cpu_product_equals_the_product_row_block_by_row_block(metric):
+    from recognite.eval.scores import PRODUCT_BLOCK_ROWS, _GalleryScorer
+
+    gen = torch.Generator().manual_seed(11)
+    queries = torch.randn(2 * PRODUCT_BLOCK_ROWS + 77, 24, generator=gen)  # pooled: several blocks and a short tail
+    gallery = torch.randn(301, 24, generator=gen)
+    scorer = _GalleryScorer(gallery, metric)
+    expected = torch.cat([scorer(part) for part in queries.split(100)])
+    threads = torch.get_num_threads()
+    assert torch.equal(pairwise_scores(queries, gallery, metric), expected)
+    assert torch.get_num_threads() == threads  # the pool reads the caller's setting, never changes it

@@ -3,6 +3,12 @@
 Every metric in :mod:`recognite.eval` is derived from the per-query statistics computed here, over
 chunks of query rows, so the full-matrix functions and the streaming path give identical numbers.
 
+Two executions of the same statistics: CPU chunks go to :mod:`recognite.eval._rows_cpu` (NumPy
+passes over blocks of rows, taken by a pool of ``torch.get_num_threads()`` threads, so a thread
+sharing its core with another process takes fewer blocks instead of holding up a statically split
+operation); other devices run the torch operations of this module. Both give the same bits
+(``tests/eval/test_engine.py`` compares them on CPU with ``backend="torch"``).
+
 Tie rule (pessimistic ranks). Items with equal scores are ordered *negatives first*. The rank of
 the ``m``-th best positive of a query is therefore ``m + #{negatives with score >= its score}``.
 This makes every rank-based metric independent of the gallery order. Average precision uses the
