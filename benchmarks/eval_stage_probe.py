@@ -1,26 +1,23 @@
-"""Probe: where ``pr_metrics`` spends its time, stage by stage, idle or beside a busy process.
+"""Probe: where the documented metric set spends its time, call by call, idle or beside a busy process.
 
-Times each private stage of the engine (extreme scores, the depth count, picking the items, the
-radix sort, per-positive counts, the curves) over three calls of ``pr_metrics`` on the reference
-problem of ``eval_bench.py``::
+Times each call of the documented set (``score_matrix``, ``accuracy``, ``top_k_accuracy``,
+``hard_pos_neg_scores``, ``pr_metrics``) on the reference problem of ``eval_bench.py``, four
+rounds in one process (the first is cold), and the share of ``pr_metrics`` spent in its pool of
+blocks (the rest: merging the blocks' arrays and splitting the curves)::
 
     python benchmarks/eval_stage_probe.py 2.0            # hard problem
-    python benchmarks/eval_stage_probe.py 2.0 --busy     # with a single-threaded busy process beside it
+    python benchmarks/eval_stage_probe.py 1.6 --busy     # easy problem, a single-threaded busy process beside it
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-STAGES = ("extreme_stats", "_ranked_group", "flat_nonzero", "_sort_within_rows", "positives_from_ranked",
-          "ranked_stats", "curves_from_ranked", "_chunk_curves")
 
 
 def main() -> None:
@@ -29,36 +26,52 @@ def main() -> None:
     parser.add_argument("--busy", action="store_true")
     args = parser.parse_args()
     import eval_bench
+    import torch
 
-    import recognite.eval._engine as engine
-    from recognite.eval import pairwise_scores, pr_metrics
+    import recognite.eval._rows_cpu as rows_cpu
+    from recognite.eval import (
+        accuracy,
+        hard_pos_neg_scores,
+        pr_metrics,
+        score_matrix,
+        top_k_accuracy,
+    )
 
     eval_bench.NOISE = args.noise
     queries, query_labels, gallery, gallery_labels = eval_bench._make_problem(4000, 5, 256, 4000, 0)
-    scores = pairwise_scores(queries, gallery, "cosine")
-    spent: collections.Counter = collections.Counter()
+    dl_gal = list(zip(gallery.split(1024), gallery_labels.split(1024)))
+    dl_quer = list(zip(queries.split(1024), query_labels.split(1024)))
+    in_blocks = []
+    run_blocks = rows_cpu.run_blocks
 
-    def timed(name: str, function):
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return function(*a, **k)
-            finally:
-                spent[name] += time.perf_counter() - start
-        return wrapper
+    def timed_blocks(*a, **k):
+        start = time.perf_counter()
+        try:
+            return run_blocks(*a, **k)
+        finally:
+            in_blocks.append(time.perf_counter() - start)
 
-    for name in STAGES:
-        setattr(engine, name, timed(name, getattr(engine, name)))
-    engine.Workspace.count_ge = timed("count_ge", engine.Workspace.count_ge)
-    pr_metrics(scores, gallery_labels, query_labels)  # warm-up
+    rows_cpu.run_blocks = timed_blocks  # the engine's pool (the score product imported its own name)
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
-        for _ in range(3):
-            spent.clear()
-            start = time.perf_counter()
-            pr_metrics(scores, gallery_labels, query_labels)
-            total = time.perf_counter() - start
-            print(f"total {total:.3f} s  " + "  ".join(f"{k} {v:.3f}" for k, v in spent.items()))
+        for _ in range(4):
+            times = [time.perf_counter()]
+            scores, gl, ql = score_matrix(torch.nn.Identity(), dl_gal, dl_quer, metric="cosine", device="cpu")
+            times.append(time.perf_counter())
+            accuracy(scores, gl, ql)
+            times.append(time.perf_counter())
+            top_k_accuracy(scores, gl, ql, 5)
+            times.append(time.perf_counter())
+            hard_pos_neg_scores(scores, gl, ql)
+            times.append(time.perf_counter())
+            in_blocks.clear()
+            pr_metrics(scores, gl, ql)
+            times.append(time.perf_counter())
+            names = ("score_matrix", "accuracy", "top_k", "hard_pos_neg", "pr_metrics")
+            print(f"total {times[-1] - times[0]:.3f} s  "
+                  + "  ".join(f"{n} {b - a:.3f}" for n, a, b in zip(names, times, times[1:]))
+                  + f"  (pr blocks {sum(in_blocks):.3f})")
+            del scores
     finally:
         if burner is not None:
             burner.kill()

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from recognite.eval._engine import LabelIndex, Workspace, _sort_within_rows, chunk_stats, flat_nonzero
+from recognite.eval._engine import (
+    LabelIndex,
+    Workspace,
+    _sort_within_rows,
+    chunk_stats,
+    flat_nonzero,
+)
 
 
 @pytest.mark.parametrize("num_cols", [1, 7, 8, 41, 1000])
