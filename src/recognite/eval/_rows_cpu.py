@@ -169,7 +169,7 @@ def block_stats(inputs: RowInputs, start: int, stop: int) -> dict[str, np.ndarra
     out = {"num_pos": num_pos, "num_neg": num_gallery - num_pos, "max_pos": max_pos, "min_pos": min_pos}
     # Every pass over the scores, a part of the block at a time while that part is in the CPU cache:
     # the finiteness check, the copy for the negatives, the two comparisons.
-    flags = inputs.buffer("flags", block.shape, np.dtype(bool))  # items at or above the lowest positive
+    flags = inputs.buffer("flags", block.shape, np.dtype(bool)) if inputs.ranks else None  # items >= the lowest positive
     above_best = inputs.buffer("above_best", block.shape, np.dtype(bool)) if inputs.need_first_rank else None
     negatives = inputs.buffer("negatives", block.shape, block.dtype) if inputs.need_max_neg else None
     above = np.zeros(num_rows, dtype=np.int64)
@@ -185,7 +185,7 @@ def block_stats(inputs: RowInputs, start: int, stop: int) -> dict[str, np.ndarra
             np.copyto(negatives[low:high], part)
         if above_best is not None:
             above[low:high] = _row_counts(np.greater_equal(part, max_pos[low:high, None], out=above_best[low:high]))
-        if inputs.ranks:
+        if flags is not None:
             np.greater_equal(part, min_pos[low:high, None], out=flags[low:high])
     if negatives is not None:
         np.put_along_axis(negatives, pos_index, np.where(num_pos[:, None] > 0, -np.inf, pos_scores), 1)
