@@ -26,7 +26,7 @@ Usage::
 
     python benchmarks/eval_bench.py                       # easy + hard, idle (a few minutes)
     python benchmarks/eval_bench.py --busy                # the same with a busy process beside
-    python benchmarks/eval_bench.py --busy --repeat 3     # median of 3 fresh runs of each
+    python benchmarks/eval_bench.py --busy --repeat 3     # median of 3 interleaved fresh runs of each
     python benchmarks/eval_bench.py --problems hard --contenders library pml_faiss
 """
 
@@ -209,10 +209,21 @@ def _spawn(name: str, threads: int | None, problem: str, busy: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _median_run(name: str, threads: int | None, problem: str, busy: bool, repeat: int) -> dict:
-    """The run with the median time of ``repeat`` fresh runs (its other figures with it)."""
-    runs = sorted((_spawn(name, threads, problem, busy) for _ in range(max(1, repeat))), key=lambda r: r["seconds"])
-    return runs[len(runs) // 2]
+def _median_runs(cases: list[tuple[str, str, str]], threads: int | None, repeat: int) -> dict:
+    """For each ``(problem, mode, contender)``, the run with the median time of ``repeat`` fresh runs.
+
+    The repeats are interleaved (every case once, then every case again, ...), so a slow spell of
+    this noisy machine falls on all contenders alike instead of on one of them.
+    """
+    runs: dict[tuple[str, str, str], list[dict]] = {case: [] for case in cases}
+    for _ in range(max(1, repeat)):
+        for problem, mode, name in cases:
+            runs[problem, mode, name].append(_spawn(name, threads, problem, mode == "busy"))
+    results = {}
+    for case, case_runs in runs.items():
+        ordered = sorted(case_runs, key=lambda r: r["seconds"])
+        results[case] = ordered[len(ordered) // 2]
+    return results
 
 
 def _print_table(results: dict, problems: list[str], modes: list[str], contenders: list[str]) -> None:
@@ -248,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--busy", action="store_true", help="also run every contender beside a busy process")
     parser.add_argument("--skip-streaming", action="store_true", help="skip the 1M-gallery run")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="fresh runs of every contender; the median time is shown (this machine is noisy)")
+                        help="fresh runs of every contender, interleaved; the median time is shown (this machine is noisy)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads in every contender (default: torch's own choice)")
     args = parser.parse_args(argv)
@@ -264,11 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reference problem: Q={NUM_LABELS}, G={NUM_LABELS * PER_LABEL}, D={DIM}, cosine, problems "
           f"{', '.join(f'{p} (noise {PROBLEMS[p]})' for p in args.problems)}, threads {args.threads or 'default'}")
     modes = ["idle", "busy"] if args.busy else ["idle"]
-    results = {}
-    for problem in args.problems:
-        for mode in modes:
-            for name in args.contenders:
-                results[problem, mode, name] = _median_run(name, args.threads, problem, mode == "busy", args.repeat)
+    cases = [(problem, mode, name) for problem in args.problems for mode in modes for name in args.contenders]
+    results = _median_runs(cases, args.threads, args.repeat)
     _print_table(results, args.problems, modes, args.contenders)
     if not args.skip_streaming:
         for mode in modes:
