@@ -34,8 +34,8 @@ def pr_metrics(
     gets the curve ``Precisions=[1.]``, ``Recalls=[0.]``, ``Thresholds=[]`` and ``nan`` for its AP
     and its F1 fields; it is left out of ``mAP``.
 
-    All curves come from one radix sort of the items above each query's lowest positive, per
-    group of queries, never a loop of sorts.
+    All curves come from one sort of the items scoring at least each query's lowest positive, per
+    block of queries, never a loop of sorts.
 
     Args:
         scores: ``(Q, G)`` similarities.
