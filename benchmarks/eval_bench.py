@@ -114,7 +114,13 @@ def run_baseline() -> dict:
 def run_library() -> dict:
     import torch
 
-    from recognite.eval import accuracy, hard_pos_neg_scores, pr_metrics, score_matrix, top_k_accuracy
+    from recognite.eval import (
+        accuracy,
+        hard_pos_neg_scores,
+        pr_metrics,
+        score_matrix,
+        top_k_accuracy,
+    )
 
     queries, query_labels, gallery, gallery_labels = _make_problem(NUM_LABELS, PER_LABEL, DIM, NUM_LABELS, SEED)
     dl_gal = list(zip(gallery.split(1024), gallery_labels.split(1024)))

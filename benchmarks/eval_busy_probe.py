@@ -32,7 +32,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import eval_bench
 
-    from recognite.eval import accuracy, hard_pos_neg_scores, pairwise_scores, pr_metrics, top_k_accuracy
+    from recognite.eval import (
+        accuracy,
+        hard_pos_neg_scores,
+        pairwise_scores,
+        pr_metrics,
+        top_k_accuracy,
+    )
 
     eval_bench.NOISE = args.noise
     queries, query_labels, gallery, gallery_labels = eval_bench._make_problem(4000, 5, 256, 4000, 0)

@@ -12,8 +12,8 @@ background alphabets when `../shared/datasets/omniglot` exists.
 from __future__ import annotations
 
 import argparse
-import logging
 import csv
+import logging
 import tempfile
 import time
 from pathlib import Path

@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from recognite.data import default_demo_root, make_demo_dataset, train_transform, train_val_datasets
+from recognite.data import (
+    default_demo_root,
+    make_demo_dataset,
+    train_transform,
+    train_val_datasets,
+)
 from recognite.losses import CosFaceLoss
 from recognite.model import Recognizer
 from recognite.train import TrainConfig, train

@@ -40,8 +40,8 @@ from recognite.checkpoint import checkpoint_threshold, epoch_row, load_checkpoin
 from recognite.model.recognizer import Recognizer, load_bundle_model
 from recognite.preprocessing import MAX_SIDE, Preprocessing
 from recognite.utils.device import resolve_device
-from recognite.utils.validate import check_cosine_threshold, check_int, check_threshold
 from recognite.utils.reranking import Reranking
+from recognite.utils.validate import check_cosine_threshold, check_int, check_threshold
 from recognite.utils.views import EnrolmentAugmentation, ViewSpec
 
 __all__ = [

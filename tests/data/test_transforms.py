@@ -10,7 +10,12 @@ import torch
 from PIL import Image
 
 from recognite.data import eval_transform, train_transform
-from recognite.data.transforms import ContentCrop, RandomAffineOnBorder, RandomElasticOnBorder, border_color
+from recognite.data.transforms import (
+    ContentCrop,
+    RandomAffineOnBorder,
+    RandomElasticOnBorder,
+    border_color,
+)
 from recognite.model.backbones import Preprocessing
 
 WHITE, BLACK = 255, 0

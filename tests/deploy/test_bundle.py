@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from recognite.bundle import BUNDLE_FILE, WEIGHTS_FILE, bundle_from_checkpoint, load_bundle, save_bundle
+from recognite.bundle import (
+    BUNDLE_FILE,
+    WEIGHTS_FILE,
+    bundle_from_checkpoint,
+    load_bundle,
+    save_bundle,
+)
 from recognite.model import Preprocessing
 
 from .conftest import IMAGE_SIZE, make_model

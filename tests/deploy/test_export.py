@@ -9,7 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recognite.export import ExportMismatchError, check_export, export_onnx, export_torchscript
+from recognite.export import (
+    ExportMismatchError,
+    check_export,
+    export_onnx,
+    export_torchscript,
+)
 
 from .conftest import IMAGE_SIZE, make_model
 

@@ -10,8 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from recognite.gallery import GalleryIndex
-from recognite.gallery import _io
+from recognite.gallery import GalleryIndex, _io
 
 
 def _gallery(aggregation="all", ids=True):

@@ -6,10 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from recognite.gallery import GalleryIndex
-from recognite.gallery import _search
+from recognite.gallery import GalleryIndex, _search
 from recognite.gallery._search import exact_topk, first_distinct
-
 
 
 def _fixture(seed=0, num_refs=37, dim=7, num_queries=13):

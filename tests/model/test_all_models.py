@@ -8,7 +8,11 @@ import pytest
 import torch
 import torchvision
 
-from recognite.model import SUPPORTED_MODELS, Recognizer, get_path_to_ultimate_classifier
+from recognite.model import (
+    SUPPORTED_MODELS,
+    Recognizer,
+    get_path_to_ultimate_classifier,
+)
 
 # Models that cannot run on the default 64 px test input, with the input they need.
 _INPUT_SIZE = {"inception_v3": 80, "maxvit_t": 224, "vit_h_14": 56}

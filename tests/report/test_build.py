@@ -224,10 +224,15 @@ def test_cli_report_replaces_stale_figures(trained_run, tmp_path, capsys):
 
 def test_averaged_references_and_three_crops(trained_run, tmp_path):
     """A run validated with --avg-refs --three-crop --num-refs 2: the gallery holds one prototype per label."""
-    from recognite.data.transforms import three_crop_eval_transform
     from torchvision import transforms as T
 
-    from recognite.utils import ThreeCrop, avg_ref_embs, collate_three_crops, embeddings_three_crops
+    from recognite.data.transforms import three_crop_eval_transform
+    from recognite.utils import (
+        ThreeCrop,
+        avg_ref_embs,
+        collate_three_crops,
+        embeddings_three_crops,
+    )
 
     state = load_checkpoint(trained_run / "best.pt")
     state["config"].update(avg_refs=True, three_crop=True, num_refs=2)

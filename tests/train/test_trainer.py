@@ -173,7 +173,11 @@ def test_training_leaves_the_callers_global_rng_untouched(tiny_csv, tmp_path):
 
 def test_content_crop_and_affine_reach_training_and_the_bundle(tiny_csv, tmp_path):
     from recognite.bundle import load_bundle
-    from recognite.data.transforms import ContentCrop, RandomAffineOnBorder, RandomElasticOnBorder
+    from recognite.data.transforms import (
+        ContentCrop,
+        RandomAffineOnBorder,
+        RandomElasticOnBorder,
+    )
 
     config = tiny_config(tiny_csv, tmp_path / "run", epochs=1, max_steps_per_epoch=1, content_crop=True,
                          content_margin=0.1, affine_degrees=10.0, affine_scale=(0.9, 1.1), elastic_magnitude=0.04,
