@@ -165,6 +165,23 @@ def test_a_query_scores_the_same_bits_in_any_chunk(dim):
             assert torch.equal(scorer(queries[start:start + size]), full[start:start + size]), (metric, size)
 
 
+def test_a_short_chunk_is_padded_within_the_callers_buffer():
+    """A chunk of fewer than 64 queries computes its padded product in the caller's buffer (no
+    temporary as large as the product) and keeps the bits of the full product."""
+    from recognite.eval.scores import SCORE_BLOCK_ROWS, _GalleryScorer
+
+    gen = torch.Generator().manual_seed(4)
+    queries, gallery = torch.randn(200, 12, generator=gen), torch.randn(333, 12, generator=gen)
+    for metric in METRICS:
+        scorer = _GalleryScorer(gallery, metric)
+        full = scorer(queries)
+        buffer = torch.full((SCORE_BLOCK_ROWS + 3, 333), float("nan"))
+        for start, size in ((7, 1), (10, 63), (3, 64), (0, 67)):
+            got = scorer(queries[start:start + size], out=buffer)
+            assert got.shape == (size, 333) and got.data_ptr() == buffer.data_ptr(), (metric, size)
+            assert torch.equal(got, full[start:start + size]), (metric, size)
+
+
 @pytest.mark.parametrize("metric", ["inner", "cosine", "sq_euclid"])
 def test_pooled_cpu_product_equals_the_product_row_block_by_row_block(metric):
     from recognite.eval.scores import PRODUCT_BLOCK_ROWS, _GalleryScorer

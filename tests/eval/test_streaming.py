@@ -111,13 +111,20 @@ def test_streaming_equals_reference_on_a_larger_gallery(reference):
         assert out["top_k_accuracy"][k] == pytest.approx(expected["top_k_accuracy"][k])
 
 
-def test_memory_budget_sets_chunks_and_cmc_length():
-    query, query_labels, gallery, gallery_labels = _problem(seed=2)
-    small = evaluate_embeddings(query, query_labels, gallery, gallery_labels, memory_budget=700,
-                                cmc_max_rank=5)
+def test_memory_budget_sets_chunks_and_cmc_length(caplog):
+    query, query_labels, gallery, gallery_labels = _problem(seed=2, num_queries=150)
+    with caplog.at_level("DEBUG", logger="recognite.eval.streaming"):
+        small = evaluate_embeddings(query, query_labels, gallery, gallery_labels, memory_budget=700,
+                                    cmc_max_rank=5)
+    # 700 bytes would fit one row at 16 bytes per score; on the CPU chunks keep the 64 rows that a
+    # shorter product is padded to anyway: 64 + 64 + 22
+    assert "evaluated 150 queries in 3 chunks" in caplog.text
     large = evaluate_embeddings(query, query_labels, gallery, gallery_labels, cmc_max_rank=5)
     assert small["cmc"].shape == (5,)
     _assert_same(small, {k: v for k, v in large.items() if k != "top_k_accuracy"})
+    scores = pairwise_scores(query, gallery, "cosine")
+    _assert_same(small, {k: v for k, v in _full_matrix_results(scores, gallery_labels, query_labels, (1,)).items()
+                         if k not in ("top_k_accuracy", "recall_at_k", "cmc")})
 
 
 def test_evaluate_loaders_matches_embeddings():

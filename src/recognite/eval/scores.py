@@ -59,17 +59,23 @@ PRODUCT_BLOCK_ROWS = 512
 
 
 def _blocked_matmul(rows: torch.Tensor, right: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``rows @ right``, with fewer than :data:`SCORE_BLOCK_ROWS` rows zero-padded to that many."""
+    """``rows @ right``, with fewer than :data:`SCORE_BLOCK_ROWS` rows zero-padded to that many.
+
+    ``out``: a buffer of at least ``len(rows)`` rows; the product is written into its first rows
+    and that view returned. A padded product is computed within ``out`` when it has
+    :data:`SCORE_BLOCK_ROWS` rows (no temporary as large as the product), else in a temporary.
+    """
     num_rows = rows.shape[0]
     if num_rows >= SCORE_BLOCK_ROWS:
-        return torch.matmul(rows, right, out=out)
+        return torch.matmul(rows, right, out=None if out is None else out[:num_rows])
     padded = rows.new_zeros((SCORE_BLOCK_ROWS, rows.shape[1]))
     padded[:num_rows] = rows
+    if out is not None and out.shape[0] >= SCORE_BLOCK_ROWS:
+        return torch.matmul(padded, right, out=out[:SCORE_BLOCK_ROWS])[:num_rows]
     product = torch.matmul(padded, right)[:num_rows]
     if out is None:
         return product
-    out.copy_(product)
-    return out
+    return out[:num_rows].copy_(product)
 
 
 class _GalleryScorer:
@@ -94,7 +100,11 @@ class _GalleryScorer:
             self.sq_norms = (self.gallery * self.gallery).sum(dim=1)
 
     def __call__(self, query_embs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``(c, G)`` scores of a query chunk, written into ``out`` when given."""
+        """``(c, G)`` scores of a query chunk, written into the first ``c`` rows of ``out`` when given.
+
+        ``out`` may have more rows: a chunk of fewer than :data:`SCORE_BLOCK_ROWS` queries is then
+        padded within it (see :func:`_blocked_matmul`).
+        """
         query_embs = query_embs.to(device=self.gallery.device, dtype=self.gallery.dtype)
         if query_embs.shape[1] != self.gallery.shape[1]:
             raise ValueError(

@@ -29,6 +29,7 @@ from ._checks import (
 from ._engine import LabelIndex, Workspace, chunk_stats, merge_chunks
 from .ranking import cmc_from_first_ranks
 from .scores import (
+    SCORE_BLOCK_ROWS,
     EmbeddingsFn,
     _check_embeddings,
     _GalleryScorer,
@@ -195,7 +196,9 @@ def evaluate_embeddings(
         ks: the ``k`` values of top-k accuracy and recall@k.
         chunk_size: queries per chunk; default: as many as fit ``memory_budget``.
         memory_budget: bytes of working memory per chunk (default 256 MiB); sets ``chunk_size``
-            when that is not given (about 16 bytes per score).
+            when that is not given (about 16 bytes per score; on the CPU at least 64 queries,
+            whose product a shorter chunk computes anyway: the CPU engine's other temporaries
+            do not grow with the chunk).
         cmc_max_rank: length of the CMC curve (default ``G``).
         use_faiss: find each chunk's top ``max(ks)`` items with FAISS (optional extra
             ``faiss-cpu``) instead of ``torch``; only the top-k metrics (``accuracy``,
@@ -240,11 +243,15 @@ def evaluate_embeddings(
         check_k(cmc_max_rank, "cmc_max_rank")
     budget = memory_budget if memory_budget is not None else DEFAULT_MEMORY_BUDGET
     num_gallery = gallery_embs.shape[0]
+    device = torch.device(device) if device is not None else gallery_embs.device
     if chunk_size is None:
         chunk_size = rows_per_chunk(num_gallery, budget)
+        if device.type == "cpu":
+            # The CPU engine's temporaries are bounded per block, not per score; a chunk of fewer
+            # than SCORE_BLOCK_ROWS queries would compute (and hold) that many rows' product anyway.
+            chunk_size = max(chunk_size, SCORE_BLOCK_ROWS)
     else:
         chunk_size = check_k(chunk_size, "chunk_size")
-    device = torch.device(device) if device is not None else gallery_embs.device
     gallery_embs = gallery_embs.to(device)
     gallery_labels = gallery_labels.to(device)
     query_labels = query_labels.to(device)
@@ -269,12 +276,14 @@ def evaluate_embeddings(
 
         starts = tqdm(starts, desc="evaluate", unit="chunk")
     parts = []
+    # reused by every chunk; a chunk shorter than SCORE_BLOCK_ROWS is padded within it
     buffer = torch.empty(
-        (min(chunk_size, query_embs.shape[0]), num_gallery), dtype=gallery_embs.dtype, device=device
-    )  # reused by every chunk
+        (max(min(chunk_size, query_embs.shape[0]), SCORE_BLOCK_ROWS), num_gallery), dtype=gallery_embs.dtype,
+        device=device,
+    )
     for start in starts:
         chunk_queries = query_embs[start : start + chunk_size].to(device)
-        scores = scorer(chunk_queries, out=buffer[: chunk_queries.shape[0]])
+        scores = scorer(chunk_queries, out=buffer)
         for view_scorer in view_scorers:
             torch.maximum(scores, view_scorer(chunk_queries), out=scores)
         if rerank is not None:
