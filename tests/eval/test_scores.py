@@ -182,6 +182,29 @@ def test_a_short_chunk_is_padded_within_the_callers_buffer():
             assert torch.equal(got, full[start:start + size]), (metric, size)
 
 
+@pytest.mark.parametrize("dim", [3, 64, 300])
+def test_a_chunk_product_pooled_by_columns_keeps_the_bits(dim):
+    """A CPU chunk's product split into blocks of 4096-8191 gallery columns (work items of a pool)
+    equals the product in one piece bit for bit, for long and short (padded) chunks."""
+    from recognite.eval.scores import (
+        PRODUCT_BLOCK_COLUMNS,
+        SCORE_BLOCK_ROWS,
+        _GalleryScorer,
+    )
+
+    gen = torch.Generator().manual_seed(dim)
+    num_gallery = 3 * PRODUCT_BLOCK_COLUMNS + 1234
+    queries, gallery = torch.randn(80, dim, generator=gen), torch.randn(num_gallery, dim, generator=gen)
+    for metric in METRICS:
+        scorer = _GalleryScorer(gallery, metric)
+        for size in (80, 5):
+            buffer = torch.full((max(size, SCORE_BLOCK_ROWS), num_gallery), float("nan"))
+            got = scorer.pooled(queries[:size], buffer, workers=2)
+            assert got.data_ptr() == buffer.data_ptr()
+            assert torch.equal(got, scorer(queries[:size])), (metric, size)
+            assert torch.equal(got, pairwise_scores(queries, gallery, metric)[:size]), (metric, size)
+
+
 @pytest.mark.parametrize("metric", ["inner", "cosine", "sq_euclid"])
 def test_pooled_cpu_product_equals_the_product_row_block_by_row_block(metric):
     from recognite.eval.scores import PRODUCT_BLOCK_ROWS, _GalleryScorer

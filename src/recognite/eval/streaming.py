@@ -283,7 +283,10 @@ def evaluate_embeddings(
     )
     for start in starts:
         chunk_queries = query_embs[start : start + chunk_size].to(device)
-        scores = scorer(chunk_queries, out=buffer)
+        if device.type == "cpu":  # by columns as work items of the caller's thread count
+            scores = scorer.pooled(chunk_queries, buffer, torch.get_num_threads())
+        else:
+            scores = scorer(chunk_queries, out=buffer)
         for view_scorer in view_scorers:
             torch.maximum(scores, view_scorer(chunk_queries), out=scores)
         if rerank is not None:
