@@ -195,3 +195,18 @@ def test_nan_when_no_query_has_positives():
     assert out["accuracy"] == 0.0
     assert math.isnan(out["mAP"]) and math.isnan(out["map_at_r"])
     assert np.isnan(out["cmc"].numpy()).all()
+
+
+def test_gallery_views_at_a_column_pooled_size_equal_the_best_view_matrix():
+    """Galleries of 2 * 4096 items or more have each chunk's product split by columns, for every view."""
+    gen = torch.Generator().manual_seed(0)
+    views = torch.randn(9000, 2, 16, generator=gen)
+    gallery_labels = torch.randint(0, 900, (9000,), generator=gen)
+    query, query_labels = torch.randn(70, 16, generator=gen), torch.randint(0, 900, (70,), generator=gen)
+    best = torch.maximum(pairwise_scores(query, views[:, 0].contiguous(), "cosine"),
+                         pairwise_scores(query, views[:, 1].contiguous(), "cosine"))
+    expected = evaluate_scores(best, gallery_labels, query_labels, ks=(1, 5))
+    got = evaluate_embeddings(query, query_labels, views, gallery_labels, ks=(1, 5))
+    assert got["mAP"] == expected["mAP"] and got["accuracy"] == expected["accuracy"]
+    assert torch.equal(got["per_query"].max_pos, expected["per_query"].max_pos)
+    assert torch.equal(got["per_query"].max_neg, expected["per_query"].max_neg)

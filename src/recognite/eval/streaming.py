@@ -164,6 +164,14 @@ def evaluate_scores(
 evaluate_scores.__doc__ = (evaluate_scores.__doc__ or "") + _RESULT_DOC
 
 
+def _chunk_scores(scorer: _GalleryScorer, queries: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """A chunk's scores in the first rows of ``buffer``; on the CPU the product is split by gallery
+    columns as work items of the caller's thread count (the same bits)."""
+    if buffer.device.type == "cpu":
+        return scorer.pooled(queries, buffer, torch.get_num_threads())
+    return scorer(queries, out=buffer)
+
+
 def evaluate_embeddings(
     query_embs: torch.Tensor,
     query_labels: torch.Tensor,
@@ -281,14 +289,12 @@ def evaluate_embeddings(
         (max(min(chunk_size, query_embs.shape[0]), SCORE_BLOCK_ROWS), num_gallery), dtype=gallery_embs.dtype,
         device=device,
     )
+    view_buffer = torch.empty_like(buffer) if view_scorers else buffer  # the other views' scores
     for start in starts:
         chunk_queries = query_embs[start : start + chunk_size].to(device)
-        if device.type == "cpu":  # by columns as work items of the caller's thread count
-            scores = scorer.pooled(chunk_queries, buffer, torch.get_num_threads())
-        else:
-            scores = scorer(chunk_queries, out=buffer)
+        scores = _chunk_scores(scorer, chunk_queries, buffer)
         for view_scorer in view_scorers:
-            torch.maximum(scores, view_scorer(chunk_queries), out=scores)
+            torch.maximum(scores, _chunk_scores(view_scorer, chunk_queries, view_buffer), out=scores)
         if rerank is not None:
             scores = rerank(scores)
         parts.append(
