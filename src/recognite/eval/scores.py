@@ -51,7 +51,9 @@ SCORE_BLOCK_ROWS = 64
 products of a few rows, so shorter chunks are zero-padded to this many rows; from this size on
 every row of a product has the same bits as in the full product (checked on this CPU for
 ``D`` 3-1000 and ``G`` 50-20001), so a query's scores do not depend on the chunk it is scored in.
-Longer chunks run as one product (splitting them into blocks was slower)."""
+On the CPU longer products are split into work items of at least this many rows
+(:data:`PRODUCT_BLOCK_ROWS`) or, for a single chunk, into column blocks
+(:data:`PRODUCT_BLOCK_COLUMNS`), which keep the same bits."""
 
 
 PRODUCT_BLOCK_ROWS = 512
